@@ -1,0 +1,3 @@
+from chatft.cli import main
+import sys
+sys.exit(main())
