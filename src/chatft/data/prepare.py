@@ -200,6 +200,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_root(cache_dir: str | None = None) -> Path:
     if cache_dir:
         return Path(cache_dir)
+    if os.environ.get("CHATFT_DATA_CACHE"):
+        return Path(os.environ["CHATFT_DATA_CACHE"])
     return Path(os.environ.get("CHATFT_CACHE", Path.home() / ".cache" / "chatft")) / "data"
 
 
