@@ -53,7 +53,18 @@ class DataOptions:
 
     @classmethod
     def from_config(cls, data_args) -> "DataOptions":
-        return cls(**{k: getattr(data_args, k) for k in cls.__dataclass_fields__})
+        opts = cls(**{k: getattr(data_args, k) for k in cls.__dataclass_fields__})
+        if opts.system is None:
+            opts.system = builtin_system(data_args.path)
+        return opts
+
+
+def builtin_system(path: str) -> str | None:
+    """The system prompt a built-in dataset was written for (``assets/NAME.system.txt``)."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return None
+    res = resources.files("chatft.data") / "assets" / f"{path[len(BUILTIN_PREFIX):]}.system.txt"
+    return res.read_text(encoding="utf-8").strip() if res.is_file() else None
 
 
 @dataclass
