@@ -178,6 +178,9 @@ class TrainArgs:
     export_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Weight dtype of the exported model."""
 
+    ask: Optional[str] = None
+    """After export, ask the model this and print its answer (built-in datasets bring one)."""
+
     plan: Literal["off", "auto"] = "off"
     """auto: let the memory planner pick ZeRO stage, offload and checkpointing that fit."""
 
@@ -359,7 +362,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             if tp is int:
                 if isinstance(value, float) and not value.is_integer():
                     raise ValueError
-                return int(value) if not isinstance(value, str) else int(value, 0)
+                return int(value)  # base 10 for strings: "010" is 10, as a user means it
             return float(value)
         except (TypeError, ValueError):
             problems.append(f"{where}: {value!r} is not {'an integer' if tp is int else 'a number'}")
@@ -378,12 +381,18 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def build_config(values: dict[str, dict[str, Any]], problems: list[str]) -> Config:
+    """A Config from parsed values; a value that does not parse is a problem and its field
+    keeps the default, so the range checks of :meth:`Config.problems` can still run on a
+    well-typed config and every problem is reported at once."""
     cfg = Config()
     for section, fields in values.items():
         cls = SECTIONS[section]
         obj = getattr(cfg, section)
         for name, raw in fields.items():
-            setattr(obj, name, _coerce(raw, _hints(cls)[name], f"{section}.{name}", problems))
+            before = len(problems)
+            value = _coerce(raw, _hints(cls)[name], f"{section}.{name}", problems)
+            if len(problems) == before:
+                setattr(obj, name, value)
     return cfg
 
 
@@ -471,7 +480,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for section, fields in parse_overrides(overrides or [], problems).items():
         values.setdefault(section, {}).update(fields)
     cfg = build_config(values, problems)
-    problems += cfg.problems() if not problems else []
+    problems += cfg.problems()
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg

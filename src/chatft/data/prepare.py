@@ -59,12 +59,17 @@ class DataOptions:
         return opts
 
 
-def builtin_system(path: str) -> str | None:
-    """The system prompt a built-in dataset was written for (``assets/NAME.system.txt``)."""
+def builtin_meta(path: str) -> dict:
+    """What a built-in dataset was written for (``assets/NAME.meta.json``): its system
+    prompt (``system``) and a question it teaches (``ask``, printed after training)."""
     if not path.startswith(BUILTIN_PREFIX):
-        return None
-    res = resources.files("chatft.data") / "assets" / f"{path[len(BUILTIN_PREFIX):]}.system.txt"
-    return res.read_text(encoding="utf-8").strip() if res.is_file() else None
+        return {}
+    res = resources.files("chatft.data") / "assets" / f"{path[len(BUILTIN_PREFIX):]}.meta.json"
+    return json.loads(res.read_text(encoding="utf-8")) if res.is_file() else {}
+
+
+def builtin_system(path: str) -> str | None:
+    return builtin_meta(path).get("system")
 
 
 @dataclass
@@ -157,15 +162,18 @@ def apply_length_policy(samples: list[Rendered], max_length: int, overlong: str,
     """Drop or truncate over-long samples, drop samples with no target; count everything."""
     kept = []
     for s in samples:
-        if len(s) > max_length:
+        cut = len(s) > max_length
+        if cut:
             if overlong == "drop":
                 summary.dropped["too_long"] = summary.dropped.get("too_long", 0) + 1
                 continue
             s = Rendered(s.input_ids[:max_length], s.loss_mask[:max_length], s.index)
-            summary.truncated += 1
         if trained_count(np.asarray(s.loss_mask)) == 0:
+            # e.g. truncation cut off every assistant token: dropped, not counted as truncated,
+            # so read == kept + dropped and truncated counts only samples that are kept.
             summary.dropped["no_trained_tokens"] = summary.dropped.get("no_trained_tokens", 0) + 1
             continue
+        summary.truncated += cut
         kept.append(s)
     return kept
 
@@ -236,7 +244,9 @@ def prepare(path: str, tokenizer, opts: DataOptions, cache_dir: str | None = Non
         raise DataError("file not found", file=path)
     folder = cache_root(cache_dir) / cache_key(path, tokenizer, opts)
     if (folder / "data.npz").is_file():
-        return TokenizedDataset.load(folder), folder, True
+        ds = TokenizedDataset.load(folder)
+        ds.summary.file = path  # the key holds the file's bytes, not its name
+        return ds, folder, True
     ds = tokenize_file(path, fmt or chat_format(tokenizer), opts)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
