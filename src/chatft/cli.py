@@ -36,6 +36,16 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace, rest: list[str]) -> int:
+    from chatft.model.qwen1 import convert_qwen1
+
+    if rest:
+        raise ChatftError(f"convert: unknown options: {' '.join(rest)}")
+    for line in convert_qwen1(args.src, args.dst, args.dtype).lines():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chatft", description="Full fine-tuning of chat models on your dialogues.",
@@ -54,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--colour", "--color", choices=["auto", "always", "never"], default="auto")
     d.add_argument("--no-colour", "--no-color", action="store_true", help="plain text")
     d.set_defaults(func=cmd_data)
+
+    c = sub.add_parser("convert", help="convert a Qwen-1 folder to a plain Qwen2 folder",
+                       description="Write a Hugging Face Qwen2 folder (config, safetensors "
+                                   "shards, tokenizer, generation config) from a Qwen-1 "
+                                   "folder (model_type qwen, qwen.tiktoken) without running "
+                                   "its Python code; prints the files and the peak memory.")
+    c.add_argument("src", help="Qwen-1 model folder (e.g. Qwen-7B-Chat from ModelScope)")
+    c.add_argument("dst", help="new folder to write (must not exist or be empty)")
+    c.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="weight dtype of the written folder (default: bf16)")
+    c.set_defaults(func=cmd_convert)
     return p
 
 
