@@ -31,6 +31,17 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 # --------------------------------------------------------------------------- files
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, as users see it in their file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+
+
 def _decode(path: Path) -> str:
     try:
         raw = path.read_bytes()
@@ -50,8 +61,12 @@ def _decode(path: Path) -> str:
     return text
 
 
-def read_records(path: str | Path) -> list[Any]:
-    """Parse a JSON array or a JSONL file into a list of (unchecked) records."""
+def read_records(path: str | Path, *, skip_bad: bool = False) -> list[Any]:
+    """Parse a JSON array or a JSONL file into a list of (unchecked) records.
+
+    In JSONL a malformed line is one bad record: it raises, or with ``skip_bad`` it stays
+    in the list as its :class:`DataError`, so record indices keep matching the file.
+    """
     path = Path(path)
     text = _decode(path)
     first = text.lstrip()[0]
@@ -84,9 +99,12 @@ def read_records(path: str | Path) -> list[Any]:
                     raise DataError(f"malformed JSON at line {e2.lineno}, column {e2.colno}: "
                                     f"{e2.msg}", file=str(path)) from None
                 raise DataError(f"the top level must be a list of records, found a JSON "
-                                f"{type(whole).__name__}", file=str(path)) from None
-            raise DataError(f"malformed JSON on line {lineno}, column {e.colno}: {e.msg} "
-                            f"(JSONL: one record per line)", file=str(path)) from None
+                                f"{json_type(whole)}", file=str(path)) from None
+            bad = DataError(f"malformed JSON on line {lineno}, column {e.colno}: {e.msg} "
+                            f"(JSONL: one record per line)", file=str(path), record=len(records))
+            if not skip_bad:
+                raise bad from None
+            records.append(bad)
     if path.suffix == ".json" and len(records) == 1 and isinstance(records[0], dict):
         raise DataError("the top level must be a list of records, found a single JSON object",
                         file=str(path))
@@ -95,20 +113,23 @@ def read_records(path: str | Path) -> list[Any]:
 
 def detect_format(records: list[Any], path: str) -> str:
     """The format of the first record that is an object, by its keys."""
-    for rec in records[:1]:
-        if not isinstance(rec, dict):
-            raise DataError(f"each record must be a JSON object, got {type(rec).__name__}",
-                            file=path, record=0)
-        if "messages" in rec:
-            return "openai"
-        if "conversations" in rec:
-            return "sharegpt"
-        if "instruction" in rec or "output" in rec:
-            return "alpaca"
-        raise DataError(f"cannot tell the format from its keys {sorted(rec)}: expected "
-                        "'messages' (openai), 'conversations' (sharegpt) or 'instruction'/"
-                        "'output' (alpaca); or pass --format", file=path, record=0)
-    raise DataError("no records", file=path)
+    at = next((i for i, rec in enumerate(records) if isinstance(rec, dict)), None)
+    if at is None:
+        other = next((i for i, rec in enumerate(records) if not isinstance(rec, DataError)), None)
+        if other is None:  # every line was malformed JSONL, kept as errors by skip_bad
+            raise DataError(f"no usable records ({len(records)} bad, all skipped)", file=path)
+        raise DataError(f"each record must be a JSON object, got {json_type(records[other])}",
+                        file=path, record=other)
+    rec = records[at]
+    if "messages" in rec:
+        return "openai"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec or "output" in rec:
+        return "alpaca"
+    raise DataError(f"cannot tell the format from its keys {sorted(rec)}: expected "
+                    "'messages' (openai), 'conversations' (sharegpt) or 'instruction'/"
+                    "'output' (alpaca); or pass --format", file=path, record=at)
 
 
 # --------------------------------------------------------------------------- records
@@ -119,7 +140,7 @@ class _Rec:
 
     def __init__(self, rec: Any, path: str, index: int):
         if not isinstance(rec, dict):
-            raise DataError(f"expected a JSON object, got {type(rec).__name__}", file=path,
+            raise DataError(f"expected a JSON object, got {json_type(rec)}", file=path,
                             record=index)
         self.rec, self.path, self.index = rec, path, index
 
@@ -134,7 +155,7 @@ class _Rec:
             return None
         value = obj[key]
         if not isinstance(value, str):
-            raise self.error(field, f"expected a string, got {type(value).__name__}")
+            raise self.error(field, f"expected a string, got {json_type(value)}")
         if not allow_empty and not value.strip():
             if required:
                 raise self.error(field, "empty")
@@ -146,7 +167,7 @@ class _Rec:
             raise self.error(field, "missing")
         value = obj[key]
         if not isinstance(value, list):
-            raise self.error(field, f"expected a list, got {type(value).__name__}")
+            raise self.error(field, f"expected a list, got {json_type(value)}")
         if not value:
             raise self.error(field, "empty list")
         return value
@@ -164,14 +185,14 @@ def _alpaca(r: _Rec) -> tuple[list[Message], list[str]]:
     if history is not None:
         if not isinstance(history, list):
             raise r.error("history", f"expected a list of [user, assistant] pairs, got "
-                                     f"{type(history).__name__}")
+                                     f"{json_type(history)}")
         for i, pair in enumerate(history):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
                 raise r.error(f"history[{i}]", "expected a [user, assistant] pair")
             for j, role in enumerate(("user", "assistant")):
                 if not isinstance(pair[j], str):
                     raise r.error(f"history[{i}][{j}]", f"expected a string, got "
-                                                        f"{type(pair[j]).__name__}")
+                                                        f"{json_type(pair[j])}")
                 if not pair[j].strip():
                     raise r.error(f"history[{i}][{j}]", "empty")
                 msgs.append(Message(role, pair[j]))  # type: ignore[arg-type]
@@ -192,7 +213,7 @@ def _turns(r: _Rec, key: str, role_key: str, text_key: str,
     for i, turn in enumerate(r.items(r.rec, key, key)):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            raise r.error(where, f"expected an object, got {type(turn).__name__}")
+            raise r.error(where, f"expected an object, got {json_type(turn)}")
         role = r.text(turn, role_key, f"{where}.{role_key}")
         if role not in roles:
             raise r.error(f"{where}.{role_key}", f"unknown role {role!r} (expected one of "
@@ -251,7 +272,7 @@ def load_conversations(path: str | Path, fmt: str = "auto", *, system: str | Non
                        skip_bad: bool = False) -> LoadedData:
     """Read ``path`` and convert every record; bad records raise, or are skipped and kept
     in :attr:`LoadedData.skipped` when ``skip_bad``."""
-    records = read_records(path)
+    records = read_records(path, skip_bad=skip_bad)
     path = str(path)
     if fmt == "auto":
         fmt = detect_format(records, path)
@@ -259,6 +280,9 @@ def load_conversations(path: str | Path, fmt: str = "auto", *, system: str | Non
         raise DataError(f"unknown format {fmt!r} (expected auto, {', '.join(FORMATS)})", file=path)
     convs, skipped = [], []
     for i, rec in enumerate(records):
+        if isinstance(rec, DataError):  # a malformed JSONL line kept by skip_bad
+            skipped.append(rec)
+            continue
         try:
             convs.append(to_conversation(rec, fmt, path=path, index=i, system=system))
         except DataError as e:

@@ -56,7 +56,9 @@ def check_conversation(messages: list[Message] | tuple[Message, ...]) -> tuple[i
         if pos >= start:
             expected = "user" if (pos - start) % 2 == 0 else "assistant"
             if m.role != expected:
-                return pos, f"expected a {expected} turn here (turns alternate user, assistant), got {m.role}"
+                article = "an" if expected == "assistant" else "a"
+                return pos, (f"expected {article} {expected} turn here (turns alternate user, "
+                             f"assistant), got {m.role}")
         if m.role != "system" and not m.content.strip():
             return pos, f"the {m.role} message is empty"
     if messages[-1].role != "assistant":

@@ -51,14 +51,30 @@ class ChatFormat:
     eot_token: str
     eot_id: int
 
-    def text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    def text(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+             record: int | None = None) -> str:
+        return apply_template(self.tokenizer, messages, add_generation_prompt, record)
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a conversation ready for the assistant to answer (for generation)."""
         return self.tokenizer(self.text(messages, add_generation_prompt=True),  # type: ignore
                               add_special_tokens=False)["input_ids"]
+
+
+def apply_template(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False,
+                   record: int | None = None) -> str:
+    """The template's text for ``messages``; a template that fails (a Jinja syntax error, or
+    its own ``raise_exception`` refusing the conversation) is a :class:`TemplateError`."""
+    from jinja2.exceptions import TemplateError as JinjaError
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except JinjaError as e:
+        where = f"record {record}: " if record is not None else ""
+        raise TemplateError(f"{where}the chat template failed to render the conversation "
+                            f"(roles {', '.join(m['role'] for m in messages)}): "
+                            f"{type(e).__name__}: {e}") from None
 
 
 def chat_format(tokenizer) -> ChatFormat:
@@ -71,7 +87,7 @@ def chat_format(tokenizer) -> ChatFormat:
         raise TemplateError("the tokenizer has no chat template; chatft renders conversations "
                             "with the model's own template (set tokenizer.chat_template)")
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    full = apply_template(tokenizer, msgs)
     at = full.find(_PROBE)
     if at < 0:
         raise TemplateError("the chat template does not render the assistant's text verbatim")
@@ -99,7 +115,7 @@ def _trained_spans(conv: Conversation, fmt: ChatFormat, train_on: TrainOn, full:
         turns = turns[-1:]
     spans = []
     for k in turns:
-        prefix = fmt.text(msgs[:k], add_generation_prompt=True)
+        prefix = fmt.text(msgs[:k], add_generation_prompt=True, record=conv.index)
         if not full.startswith(prefix):
             raise TemplateError(
                 f"record {conv.index}: the chat template does not render turn {k} as a "
@@ -124,7 +140,7 @@ def _trained_spans(conv: Conversation, fmt: ChatFormat, train_on: TrainOn, full:
 def render_many(convs: Sequence[Conversation], fmt: ChatFormat, train_on: TrainOn = "assistant",
                 verify: bool = True) -> list[Rendered]:
     """Render, tokenize (one batched call) and mask a list of conversations."""
-    texts = [fmt.text(c.as_dicts()) for c in convs]
+    texts = [fmt.text(c.as_dicts(), record=c.index) for c in convs]
     spans = [_trained_spans(c, fmt, train_on, t) for c, t in zip(convs, texts)]
     enc = fmt.tokenizer(texts, add_special_tokens=False,  # type: ignore[operator]
                         return_offsets_mapping=True)
@@ -147,7 +163,9 @@ def render_many(convs: Sequence[Conversation], fmt: ChatFormat, train_on: TrainO
                 elif a < s < b or a < e < b:
                     raise TemplateError(
                         f"record {conv.index}: token {t} ({text[a:b]!r}) straddles the edge of "
-                        "an assistant turn, so the turn cannot be trained exactly")
+                        "an assistant turn, so the turn cannot be trained exactly (the assistant "
+                        "text starts or ends with characters that merge with the template's; "
+                        "strip leading/trailing whitespace from it)")
         else:
             for j, (s, e, _) in enumerate(sp):
                 runs[j] = [i for i, (a, b) in zip(ids, offsets) if a >= s and b <= e and b > a]
