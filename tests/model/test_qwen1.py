@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import os
+import stat
 import subprocess
 import sys
 import unicodedata
@@ -234,14 +236,16 @@ def test_single_unindexed_bin(tmp_path, write_qwen1, qwen_tokenizer):
                                atol=1e-5, rtol=0)
 
 
-def test_context_extensions_act_only_past_seq_length(tmp_path, write_qwen1):
+def test_context_extensions_act_only_past_seq_length(tmp_path, write_qwen1, caplog):
     """logn attention and dynamic NTK are inert within seq_length; beyond it chatft computes
     the plain trained-context network and warns."""
     cfg = {**TINY_QWEN1_CONFIG, "seq_length": 16, "max_position_embeddings": 16}
     folder = write_qwen1(tmp_path / "q", config=cfg, shards=1)
     state = read_qwen1_state(folder)
-    with pytest.warns(UserWarning, match="seq_length 16"):
+    with caplog.at_level(logging.WARNING, logger="chatft"):
         model = load_qwen1_model(folder, max_length=24)
+    assert "max_length 24 exceeds" in caplog.text and "seq_length 16" in caplog.text
+    assert "use_logn_attn and use_dynamic_ntk" in caplog.text
     ids = torch.randint(0, 151851, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for t in (9, 16):  # within the trained context: Qwen-1's inference == plain network
@@ -254,9 +258,12 @@ def test_context_extensions_act_only_past_seq_length(tmp_path, write_qwen1):
     assert (got - extended).abs().max() > 1e-2
 
 
-def test_no_warning_within_context(tiny_qwen1_dir, recwarn):
-    load_qwen1_model(tiny_qwen1_dir, max_length=8192)
-    assert not [w for w in recwarn if "seq_length" in str(w.message)]
+def test_no_warning_within_context(tiny_qwen1_dir, caplog):
+    assert qwen1.context_warning(tiny_qwen1_dir, 8192) is None
+    assert "8193 exceeds" in qwen1.context_warning(tiny_qwen1_dir, 8193)
+    with caplog.at_level(logging.WARNING, logger="chatft"):
+        load_qwen1_model(tiny_qwen1_dir, max_length=8192)
+    assert "exceeds" not in caplog.text
 
 
 def test_remote_code_is_never_imported(tiny_qwen1_dir):
@@ -323,6 +330,10 @@ def test_convert_writes_an_exact_hf_folder(tiny_qwen1_dir, tmp_path, qwen_tokeni
     assert result.peak_rss_bytes > result.weight_bytes / 4  # a plausible process peak
     assert "tokenizer.json" in result.tokenizer_files
     assert not [f for f in os.listdir(dst) if f.endswith(".py")]  # no remote code copied
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(f.stat().st_mode) for f in dst.iterdir()} == {0o666 & ~umask}
 
     cfg = AutoConfig.from_pretrained(dst)
     assert cfg.model_type == "qwen2" and cfg.intermediate_size == 96

@@ -55,18 +55,20 @@ newlines).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import resource
 import shutil
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from chatft.errors import ChatftError
+
+log = logging.getLogger("chatft")
 
 if TYPE_CHECKING:
     import torch
@@ -398,7 +400,7 @@ def load_qwen1_model(folder: str | Path, dtype: "torch.dtype | None" = None, *,
     The model is created with empty (meta) parameters and each converted tensor is put in
     place as its shard is read, so host memory holds the model once plus one tensor.
     ``dtype`` defaults to fp32. With ``max_length`` above the trained context a warning is
-    issued (see :func:`context_warning`). Returned in eval mode, like ``from_pretrained``.
+    logged (see :func:`context_warning`). Returned in eval mode, like ``from_pretrained``.
     """
     import torch
     from accelerate import init_empty_weights
@@ -411,7 +413,7 @@ def load_qwen1_model(folder: str | Path, dtype: "torch.dtype | None" = None, *,
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     if max_length is not None and (message := context_warning(folder, max_length)):
-        warnings.warn(message, stacklevel=2)
+        log.warning(message)
     with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) real
         model = Qwen2ForCausalLM(config)
     for name, tensor in iter_converted_tensors(folder):
@@ -459,6 +461,16 @@ def _write_shard(tensors: dict[str, "torch.Tensor"], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _default_permissions(folder: Path) -> None:
+    """Give ``folder`` and its files the modes a plain ``mkdir``/``open`` would (the
+    temporary folder is created private, and safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def convert_qwen1(src: str | Path, dst: str | Path, dtype: str = "bf16", *,
@@ -530,6 +542,7 @@ def convert_qwen1(src: str | Path, dst: str | Path, dtype: str = "bf16", *,
         before = set(os.listdir(tmp))
         build_qwen_tokenizer(tiktoken_file).save_pretrained(tmp)
         tokenizer_files = sorted(set(os.listdir(tmp)) - before)
+        _default_permissions(tmp)
         if dst.exists():
             dst.rmdir()  # checked empty above
         os.replace(tmp, dst)
