@@ -1,0 +1,3 @@
+"""chatft: full-parameter fine-tuning of chat models on your own dialogues."""
+
+__version__ = "0.1.0"

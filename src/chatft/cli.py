@@ -27,7 +27,11 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
 
     cfg = _config(args, rest, positional_data=True)
     if args.action == "inspect":
-        indices = [int(i) for i in args.index.split(",")] if args.index else [0]
+        try:
+            indices = [int(i) for i in args.index.split(",")] if args.index else [0]
+        except ValueError:
+            raise ChatftError(f"--index {args.index!r}: expected record numbers such as "
+                              "0,5,9") from None
         colour = not args.no_colour and sys.stdout.isatty() if args.colour == "auto" else args.colour == "always"
         steps.inspect(cfg, indices, colour)
     else:
@@ -44,6 +48,61 @@ def cmd_convert(args: argparse.Namespace, rest: list[str]) -> int:
     for line in convert_qwen1(args.src, args.dst, args.dtype).lines():
         print(line)
     return 0
+
+
+def _no_extra(command: str, rest: list[str]) -> None:
+    if rest:
+        raise ChatftError(f"{command}: unknown options: {' '.join(rest)}")
+
+
+def cmd_chat(args: argparse.Namespace, rest: list[str]) -> int:
+    from chatft.serve import chat
+    from chatft.serve.generate import load_chat_model
+
+    _no_extra("chat", rest)
+    cm = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
+    opts = dict(system=args.system, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.prompt is not None:
+        chat.one_shot(cm, args.prompt, **opts)
+    else:
+        chat.interactive(cm, **opts)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    from chatft.serve.generate import load_chat_model
+    from chatft.serve.server import serve
+
+    _no_extra("serve", rest)
+    if not 0 <= args.port <= 65535:
+        raise ChatftError(f"--port {args.port}: expected 0..65535")
+    cm = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
+    serve(cm, host=args.host, port=args.port, api_key=args.api_key or None,
+          max_batch_size=args.max_batch_size)
+    return 0
+
+
+def _add_model_options(a: argparse.ArgumentParser) -> None:
+    a.add_argument("model_dir", help="exported model folder (chatft export, or any HF chat model)")
+    a.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+
+
+def _leading_config(rest: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] --key value ...``: argparse cannot tell a leading positional from the
+    value of an unknown option, so the optional config file is taken here."""
+    if rest and not rest[0].startswith("--"):
+        return rest[0], rest[1:]
+    return None, rest
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from chatft.train.launch import run
+
+    config, overrides = _leading_config(rest)
+    return run(load_config(config, overrides))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-colour", "--no-color", action="store_true", help="plain text")
     d.set_defaults(func=cmd_data)
 
+    t = sub.add_parser("train", help="fine-tune (no arguments: the embedded default job)",
+                       usage="chatft train [CONFIG.yaml] [--key value ...]",
+                       description="Fine-tune a chat model. Options: --key value for any config "
+                                   "field (see `chatft --help`), e.g. --learning_rate 2e-5 "
+                                   "--nproc 4.")
+    t.set_defaults(func=cmd_train)
+
     c = sub.add_parser("convert", help="convert a Qwen-1 folder to a plain Qwen2 folder",
                        description="Write a Hugging Face Qwen2 folder (config, safetensors "
                                    "shards, tokenizer, generation config) from a Qwen-1 "
@@ -75,6 +141,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                    help="weight dtype of the written folder (default: bf16)")
     c.set_defaults(func=cmd_convert)
+
+    ch = sub.add_parser("chat", help="chat with a model folder in the terminal",
+                        description="Interactive chat (commands /reset, /system TEXT, /exit) "
+                                    "or one answer with --prompt. Prompts are formatted as "
+                                    "training did (chat template, persona from chatft.json).")
+    _add_model_options(ch)
+    ch.add_argument("--prompt", help="answer this one message and exit (greedy by default)")
+    ch.add_argument("--system", help="persona (system prompt); default: the folder's chatft.json")
+    ch.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
+    ch.add_argument("--temperature", type=float,
+                    help="0 = greedy; default: greedy with --prompt, else the model's defaults")
+    ch.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    ch.add_argument("--seed", type=int, help="seed for sampling")
+    ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a model folder",
+                        description="Serve POST /v1/chat/completions (streaming or not), "
+                                    "GET /v1/models, GET /health, and a chat page at /.")
+    _add_model_options(sv)
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default loopback; other hosts should set --api-key)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (0: pick a free one)")
+    sv.add_argument("--api-key", default=os.environ.get("CHATFT_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1 (default: $CHATFT_API_KEY)")
+    sv.add_argument("--max-batch-size", type=int, default=32,
+                    help="most requests generated together (default 32)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,0 +1,152 @@
+"""Export: one consolidated Hugging Face model folder, checked by reloading it.
+
+The folder holds safetensors weights (bf16 by default), ``config.json``, the tokenizer with
+its chat template, ``generation_config.json`` that stops on the end-of-turn token, and
+``chatft.json`` (system prompt, end-of-turn token; see :mod:`chatft.export.metadata`). Plain
+``AutoModelForCausalLM.from_pretrained(folder)`` loads it.
+
+Export checks itself: probe logits of the trained weights are computed *before* the engine is
+released (with every process taking part, so ZeRO-3 can gather), then the written folder is
+reloaded and its logits on the same probe compared; a mismatch raises :class:`ExportError`
+and the folder is not put in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatft.errors import ChatftError
+from chatft.export.metadata import ChatMeta, write_meta
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROBE = [{"role": "user", "content": "Hello! Who are you, and what do you do? 你好，请介绍一下你自己。"},
+         {"role": "assistant", "content": "I am a checkpoint being checked. 我正在被检查。"}]
+
+
+class ExportError(ChatftError):
+    """The exported folder does not reproduce the trained model."""
+
+
+def probe_ids(tokenizer, system: str | None) -> torch.Tensor:
+    """A fixed conversation rendered with the model's template: ``[1, T]`` token ids."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + PROBE
+    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def _tolerance(a: torch.dtype, b: torch.dtype) -> float:
+    """Allowed max|diff| / max|logit|: fp32 both sides is near-exact; any half-precision side
+    rounds weights and activations (a wrong weight mapping differs by ~100%)."""
+    return 1e-4 if a == b == torch.float32 else 6e-2
+
+
+def compare_logits(reference: torch.Tensor, reloaded: torch.Tensor, tol: float) -> dict[str, float]:
+    """Relative max difference and top-1 agreement; raises ExportError beyond ``tol``."""
+    ref, got = reference.float().cpu(), reloaded.float().cpu()
+    rel = float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6))
+    agree = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    report = {"max_rel_diff": rel, "top1_agreement": agree, "tolerance": tol}
+    if not rel <= tol or agree < 0.9:
+        raise ExportError(f"export check failed: the reloaded model's logits differ from the "
+                          f"trained weights' (max relative difference {rel:.3g} > {tol:g}, top-1 "
+                          f"agreement {agree:.1%}); the folder was not written")
+    return report
+
+
+def generation_config(base, tokenizer, eot_id: int):
+    """The base model's generation settings, stopping on the end-of-turn token (and eos)."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+    stops = [eot_id]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(tokenizer.eos_token_id)
+    gen.eos_token_id = stops
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    return gen
+
+
+def write_folder(state: dict[str, torch.Tensor], config, tokenizer, meta: ChatMeta, out_dir: Path,
+                 *, dtype: str, reference_logits: torch.Tensor, reference_dtype: torch.dtype,
+                 probe: torch.Tensor, device: torch.device, base_generation=None) -> dict[str, Any]:
+    """Write the folder next to ``out_dir``, verify it, then move it into place."""
+    from transformers import AutoModelForCausalLM
+
+    from chatft.data.render import chat_format
+
+    torch_dtype = DTYPES[dtype]
+    config = config.__class__.from_dict(config.to_dict())
+    config.use_cache = True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ExportError(f"export: weights do not fit the model config (missing "
+                          f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.tie_weights()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        tokenizer.save_pretrained(tmp)
+        eot_id = chat_format(tokenizer).eot_id
+        generation_config(base_generation, tokenizer, eot_id).save_pretrained(tmp)
+        write_meta(tmp, meta)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).to(device).eval()
+        with torch.no_grad():
+            logits = reloaded(input_ids=probe.to(device), use_cache=False).logits
+        del reloaded
+        report = compare_logits(reference_logits, logits, _tolerance(reference_dtype, torch_dtype))
+        (tmp / "chatft_export_check.json").write_text(json.dumps(report, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _probe_logits(model: torch.nn.Module, probe: torch.Tensor, device: torch.device) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
+    model.train(was_training)
+    return logits
+
+
+def export_from_engine(engine, cfg, tokenizer, source, out_dir: Path, train_summary: dict) -> Path:
+    """End of training: every process calls this; process 0 writes ``out_dir``."""
+    from chatft.data.prepare import DataOptions
+    from chatft.data.render import chat_format
+
+    system = DataOptions.from_config(cfg.data).system
+    probe = probe_ids(tokenizer, system)
+    reference = _probe_logits(engine.model, probe, engine.device)  # all ranks (ZeRO-3 gathers)
+    ref_dtype = next(engine.model.parameters()).dtype
+    state = engine.full_state_dict()
+    config = engine.model.config
+    base_gen = getattr(engine.model, "generation_config", None)
+    engine.release()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if engine.rank == 0:
+        meta = ChatMeta(system_prompt=system, eot_token=chat_format(tokenizer).eot_token,
+                        base_model=source.label, train_on=cfg.data.train_on, extra=train_summary)
+        report = write_folder(state, config, tokenizer, meta, out_dir, dtype=cfg.train.export_dtype,
+                              reference_logits=reference, reference_dtype=ref_dtype, probe=probe,
+                              device=engine.device, base_generation=base_gen)
+        print(f"chatft: exported {out_dir} ({cfg.train.export_dtype}; reload check: max relative "
+              f"logit difference {report['max_rel_diff']:.2e}, top-1 agreement "
+              f"{report['top1_agreement']:.0%})", flush=True)
+    engine.barrier()
+    return out_dir

@@ -1,0 +1,96 @@
+"""Instantiating the model to train: weights, dtype, attention kernel, fused kernels.
+
+Weights are created on the CPU (or directly on the GPU for random-init benchmarks, which would
+otherwise spend minutes initializing 7B parameters on the host); the training engine moves or
+partitions them. No ``device_map``: it fights ZeRO-3's own partitioning.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from chatft.config import ModelArgs
+from chatft.model.loading import ModelSource, model_config
+
+log = logging.getLogger("chatft")
+
+#: Attention kernels that keep packed samples apart given per-sample position_ids.
+PACKED_ATTENTION = ("sdpa", "flex_attention", "eager", "flash_attention_2")
+
+
+def resolve_attention(requested: str, device: torch.device) -> str:
+    """``auto`` -> the kernel chatft uses for packed batches on this device (SDPA: it runs
+    everywhere, derives the block-diagonal mask from position_ids and compiles nothing)."""
+    if requested != "auto":
+        return requested
+    return "sdpa"
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def use_liger(args: ModelArgs, device: torch.device) -> bool:
+    if args.liger_kernel == "off" or device.type != "cuda":
+        return False
+    if args.liger_kernel == "on" and not liger_available():
+        from chatft.errors import ChatftError
+
+        raise ChatftError("liger_kernel on: the liger-kernel package is not installed "
+                          "(pip install liger-kernel)")
+    return liger_available()
+
+
+def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
+                device: torch.device, seed: int, gradient_checkpointing: bool):
+    """The ``*ForCausalLM`` to train, in ``dtype``, in training mode.
+
+    ``device`` is where random weights are created (real weights always load on the CPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    attn = resolve_attention(args.attn_implementation, device)
+    if args.random_init:
+        config = model_config(source)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    elif source.kind == "qwen1":
+        from chatft.model.qwen1 import load_qwen1_model
+
+        model = load_qwen1_model(source.folder, dtype=dtype)
+        model.set_attn_implementation(attn)
+    else:
+        extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
+                                                     attn_implementation=attn, **extra)
+        if source.gguf_file:  # dequantized on load: a plain model from here on
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+    model.config.use_cache = False
+    if use_liger(args, device):
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        # The loss is chatft's own (train/loss.py); only the layer kernels are swapped.
+        _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        log.info("liger kernels: fused RMSNorm, SwiGLU and RoPE")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def n_params(model: torch.nn.Module) -> int:
+    """Parameters, counting tied weights once (ZeRO-3 partitioned params by their full size)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += getattr(p, "ds_numel", p.numel())
+    return total

@@ -1,0 +1,271 @@
+"""Training engines: DeepSpeed (ZeRO 0-3, offload, many processes) or plain PyTorch (one process).
+
+The training loop (:mod:`chatft.train.loop`) talks to both through the same five calls, so
+there is one loop for one CPU, one GPU and many GPUs:
+
+* ``forward(batch) -> (loss_sum, n_targets)``
+* ``backward(loss, last_micro_batch)``
+* ``step(lr) -> grad_norm``  (clip, update, zero gradients)
+* ``save(folder, client_state)`` / ``load(folder) -> client_state``
+* ``full_state_dict()``  (all weights on process 0, for export)
+
+The plain engine exists because on a single GPU DeepSpeed's mixed precision keeps an extra
+fp32 gradient copy (4 bytes/parameter) that does not fit a 7B model next to its optimizer on
+one 141 GB GPU; :class:`~chatft.train.optim.MasterWeightAdamW` avoids it. Everything
+distributed (ZeRO, offload, several processes) runs on DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from chatft.config import Config
+from chatft.train.batching import Batch
+from chatft.train.loss import CausalLMLoss
+from chatft.train.optim import MasterWeightAdamW, adamw, param_groups
+
+log = logging.getLogger("chatft")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """``auto`` -> bf16 where the hardware supports it, else fp16 on GPUs, fp32 on CPU.
+    Returns ``(precision, message for the user or None)``."""
+    if requested != "auto":
+        if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            from chatft.errors import ConfigError
+
+            raise ConfigError("precision bf16: this GPU does not support bfloat16; use fp16")
+        return requested, None
+    if device.type != "cuda":
+        return "fp32", "precision fp32 (CPU training)"
+    if torch.cuda.is_bf16_supported():
+        return "bf16", ("precision bf16: the GPU supports it, and unlike fp16 it needs no loss "
+                        "scaling and does not overflow")
+    return "fp16", "precision fp16 with dynamic loss scaling (this GPU has no bf16)"
+
+
+def training_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+class Engine:
+    """Common part: the loss wrapper and the process layout."""
+
+    model: torch.nn.Module  # the plain transformers model (for export and generation)
+    wrapper: CausalLMLoss
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    lr_managed_externally: bool = False  # True when a DeepSpeed JSON brings its own scheduler
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def current_lr(self) -> float:
+        return float(self.optimizer_param_groups()[0]["lr"])
+
+
+class TorchEngine(Engine):
+    """One process, no DeepSpeed. fp32; bf16 weights + fp32 masters; or fp16 autocast with a
+    gradient scaler (fp32 weights)."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, precision: str, device: torch.device,
+                 fused_kernel: str):
+        t = cfg.train
+        self.device, self.precision = device, precision
+        self.max_grad_norm = t.max_grad_norm
+        self.model = model.to(device)
+        self.wrapper = CausalLMLoss(self.model, fused_kernel)
+        groups = param_groups(self.model, t.weight_decay)
+        betas = (t.adam_beta1, t.adam_beta2)
+        if precision == "bf16":
+            self.optimizer: Any = MasterWeightAdamW(groups, lr=t.learning_rate, betas=betas,
+                                                    eps=t.adam_epsilon, device=device)
+        else:
+            self.optimizer = adamw(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon,
+                                   device=device)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self._params = [p for g in groups for p in g["params"]]
+
+    def optimizer_param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = (torch.autocast(self.device.type, dtype=torch.float16) if self.precision == "fp16"
+               else nullcontext())
+        with ctx:
+            b = batch.to(self.device)
+            return self.wrapper(b.input_ids, b.position_ids, b.targets, b.attention_mask)
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, lr: float | None) -> float:
+        if lr is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        # Norm in fp32 whatever the gradient dtype (bf16 sums lose precision).
+        norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])) if grads \
+            else torch.zeros((), device=self.device)
+        scale = 1.0
+        if self.max_grad_norm > 0:
+            scale = float(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
+        if isinstance(self.optimizer, MasterWeightAdamW):
+            self.optimizer.step(grad_scale=scale)
+        else:
+            if scale != 1.0:
+                torch._foreach_mul_(grads, scale)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, folder: Path, client_state: dict) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler else None,
+                    "client_state": client_state}, folder / "engine_state.pt")
+
+    def load(self, folder: Path) -> dict:
+        state = torch.load(folder / "engine_state.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        return state["client_state"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained weights (fp32 masters when training in bf16), on the CPU."""
+        masters = self.optimizer.master_state() if isinstance(self.optimizer, MasterWeightAdamW) else {}
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        out = {}
+        for name, tensor in self.model.state_dict().items():
+            p = named.get(name)
+            src = masters.get(id(p), tensor) if p is not None else tensor
+            out[name] = src.detach().to("cpu", copy=True)
+        return out
+
+    def release(self) -> None:
+        """Free optimizer state and the model's device memory (before export)."""
+        self.optimizer = None
+        self.model.to("cpu")
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO stage 0-3 with optional CPU offload, any number of processes and nodes."""
+
+    def __init__(self, cfg: Config, build_model, ds_config: dict, precision: str,
+                 device: torch.device, fused_kernel: str):
+        import deepspeed
+
+        t = cfg.train
+        self.device, self.precision = device, precision
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        zero = ds_config.get("zero_optimization", {})
+        self.stage = int(zero.get("stage", 0))
+        offload = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+        if self.stage == 3:
+            # Keeps transformers' ZeRO-3 integration active while the model is built, so its
+            # weights are created partitioned (deepspeed.zero.Init) instead of whole per rank.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(ds_config)
+        model = build_model(None if self.stage == 3 else device)
+        self.model = model
+        self.wrapper = CausalLMLoss(model, fused_kernel)
+        if self.stage == 3 and fused_kernel == "liger":
+            # Liger reads lm_head.weight outside lm_head's own forward: tell ZeRO-3 to gather it.
+            deepspeed.zero.register_external_parameter(self.wrapper, model.get_output_embeddings().weight)
+        optimizer = None
+        if "optimizer" not in ds_config:
+            groups = param_groups(model, t.weight_decay)
+            betas = (t.adam_beta1, t.adam_beta2)
+            if offload:
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                optimizer = DeepSpeedCPUAdam(groups, lr=t.learning_rate, betas=betas,
+                                             eps=t.adam_epsilon, adamw_mode=True)
+            else:
+                optimizer = adamw(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon,
+                                  device=device)
+        self.lr_managed_externally = "scheduler" in ds_config
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.wrapper, optimizer=optimizer, config=ds_config,
+            model_parameters=None if optimizer is not None else
+            [p for p in self.wrapper.parameters() if p.requires_grad])
+
+    def optimizer_param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        b = batch.to(self.engine.device)
+        return self.engine(b.input_ids, b.position_ids, b.targets, b.attention_mask)
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        # chatft decides the accumulation boundary (micro-batch counts may vary per step).
+        self.engine.set_gradient_accumulation_boundary(last_micro_batch)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, lr: float | None) -> float:
+        if lr is not None and not self.lr_managed_externally:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, folder: Path, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(folder), tag="engine", client_state=client_state,
+                                    save_latest=False)
+
+    def load(self, folder: Path) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(folder), tag="engine")
+        if client_state is None:
+            from chatft.errors import ChatftError
+
+            raise ChatftError(f"{folder}: DeepSpeed could not load this checkpoint")
+        return client_state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """All weights on rank 0 (other ranks: empty); every rank must call it (ZeRO-3 gathers)."""
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, tensor in self.model.state_dict().items():
+            p = params.get(name)
+            if p is not None and hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    if self.rank == 0:
+                        out[name] = p.data.detach().to("cpu", copy=True)
+            elif self.rank == 0:
+                out[name] = tensor.detach().to("cpu", copy=True)
+        return out
+
+    def release(self) -> None:
+        self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        self.optimizer = None
+        self.engine = None

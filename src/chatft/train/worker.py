@@ -1,0 +1,31 @@
+"""One training process, as started by DeepSpeed's launcher (see :mod:`chatft.train.launch`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from chatft.config import config_from_dict
+from chatft.errors import ChatftError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="chatft.train.worker")
+    p.add_argument("--config-json", required=True)
+    p.add_argument("--local_rank", type=int, default=None)  # passed by some launchers
+    args, _ = p.parse_known_args(argv)
+    from chatft.train.loop import train
+
+    try:
+        with open(args.config_json, encoding="utf-8") as f:
+            cfg = config_from_dict(json.load(f)).validate()
+        train(cfg)
+    except ChatftError as e:
+        print(f"chatft: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
