@@ -50,14 +50,15 @@ def inspect(cfg: Config, indices: list[int], colour: bool, out=sys.stdout) -> No
     """Print the chosen records token by token, then the summary of the whole file."""
     tokenizer = tokenizer_for(cfg)
     fmt = chat_format(tokenizer)
-    loaded = load_conversations(resolve_data_path(cfg.data.path), cfg.data.format,
-                                system=cfg.data.system, skip_bad=cfg.data.skip_bad)
+    opts = DataOptions.from_config(cfg.data)  # as prepare_data sees them (built-in system prompt)
+    loaded = load_conversations(resolve_data_path(cfg.data.path), opts.format,
+                                system=opts.system, skip_bad=opts.skip_bad)
     by_index = {c.index: c for c in loaded.conversations}
     chosen = [by_index[i] for i in indices if i in by_index]
     missing = [i for i in indices if i not in by_index]
     print(legend(colour), file=out)
-    for conv, sample in zip(chosen, render_many(chosen, fmt, cfg.data.train_on,  # type: ignore
-                                                cfg.data.verify_labels)):
+    for conv, sample in zip(chosen, render_many(chosen, fmt, opts.train_on,  # type: ignore
+                                                opts.verify_labels)):
         n_trained = sum(sample.loss_mask)
         print(f"\n--- record {conv.index}: {len(sample)} tokens, {n_trained} trained", file=out)
         print(colour_sample(conv, sample, fmt, colour), file=out)
