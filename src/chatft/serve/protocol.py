@@ -1,0 +1,229 @@
+"""The OpenAI chat-completions wire format: request validation and response bodies.
+
+Kept apart from the HTTP layer so every rule is a plain function of the JSON body. A
+request that breaks a rule raises :class:`ApiError`, which the server turns into an HTTP
+4xx with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
+
+Supported: ``messages`` (system/developer, user, assistant; text content as a string or as
+a list of ``{"type": "text"}`` parts), ``temperature``, ``top_p``, ``max_tokens`` /
+``max_completion_tokens``, ``stop``, ``seed``, ``n`` (1 only), ``stream``,
+``stream_options.include_usage``, and the extension ``ignore_eos``. Features the server
+cannot honour (tools, logprobs, penalties, logit_bias, JSON mode, n > 1) are rejected with
+400 rather than silently ignored; bookkeeping fields (``user``, ``metadata``, ``store``) are
+accepted and ignored. The ``model`` field is not checked: the server has one model and
+answers with its id.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP = 4
+
+
+class ApiError(Exception):
+    """A request the server refuses; ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated request. ``max_tokens`` None = as many as the context allows (capped by
+    the server's default); the sampling fields None = the model's defaults."""
+
+    messages: list[dict]
+    stream: bool
+    include_usage: bool
+    temperature: float | None
+    top_p: float | None
+    max_tokens: int | None
+    stop: tuple[str, ...]
+    seed: int | None
+    ignore_eos: bool
+
+
+def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ApiError(f"'{key}' must be a number, got {type(v).__name__}", param=key)
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise ApiError(f"'{key}' must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v}",
+                       param=key)
+    return float(v)
+
+
+def _integer(body: dict, key: str) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ApiError(f"'{key}' must be an integer, got {type(v).__name__}", param=key)
+    return v
+
+
+def _bool(body: dict, key: str) -> bool:
+    v = body.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ApiError(f"'{key}' must be a boolean, got {type(v).__name__}", param=key)
+    return v
+
+
+def _content(m: dict, i: int) -> str:
+    c = m.get("content")
+    param = f"messages[{i}].content"
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        parts = []
+        for j, part in enumerate(c):
+            if not isinstance(part, dict) or part.get("type") != "text" or \
+                    not isinstance(part.get("text"), str):
+                raise ApiError(f"{param}[{j}]: only text parts ({{\"type\": \"text\", \"text\": "
+                               "...}) are supported", param=f"{param}[{j}]")
+            parts.append(part["text"])
+        return "".join(parts)
+    if c is None:
+        raise ApiError(f"{param} is missing", param=param)
+    raise ApiError(f"{param} must be a string or a list of text parts, got {type(c).__name__}",
+                   param=param)
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if msgs is None:
+        raise ApiError("'messages' is required", param="messages")
+    if not isinstance(msgs, list):
+        raise ApiError(f"'messages' must be a list, got {type(msgs).__name__}", param="messages")
+    if not msgs:
+        raise ApiError("'messages' must hold at least one message", param="messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ApiError(f"messages[{i}] must be an object, got {type(m).__name__}",
+                           param=f"messages[{i}]")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise ApiError(f"messages[{i}].role: unknown role {role!r} (expected one of "
+                           f"{', '.join(ROLES)})", param=f"messages[{i}].role")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise ApiError(f"messages[{i}]: tool calls are not supported", param=f"messages[{i}]")
+        role = ROLES[role]
+        if role == "system" and i != 0:
+            raise ApiError(f"messages[{i}]: a system message may only come first (the model was "
+                           "trained with one persona per conversation)", param=f"messages[{i}].role")
+        out.append({"role": role, "content": _content(m, i)})
+    if all(m["role"] == "system" for m in out):
+        raise ApiError("'messages' has no user message", param="messages")
+    return out
+
+
+_UNSUPPORTED_TRUTHY = {
+    "tools": "tools / function calling", "functions": "function calling",
+    "logprobs": "logprobs", "logit_bias": "logit_bias",
+}
+
+
+def parse_request(body: Any) -> ChatRequest:
+    """Validate a decoded JSON body; raise :class:`ApiError` on the first problem."""
+    if not isinstance(body, dict):
+        raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
+    for key, what in _UNSUPPORTED_TRUTHY.items():
+        if body.get(key):
+            raise ApiError(f"{what} is not supported by this server", param=key)
+    for key in ("frequency_penalty", "presence_penalty"):
+        if _number(body, key, -2.0, 2.0):
+            raise ApiError(f"'{key}' is not supported (only 0)", param=key)
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise ApiError("only response_format {\"type\": \"text\"} is supported",
+                       param="response_format")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(f"'model' must be a string, got {type(model).__name__}", param="model")
+    messages = _messages(body)
+    n = _integer(body, "n")
+    if n is not None and n != 1:
+        raise ApiError(f"'n' must be 1 (one answer per request), got {n}", param="n")
+    max_tokens = _integer(body, "max_completion_tokens")
+    key = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, key = _integer(body, "max_tokens"), "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(f"'{key}' must be >= 1, got {max_tokens}", param=key)
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise ApiError("'stop' must be a string or a list of strings", param="stop")
+    if len(stops) > MAX_STOP:
+        raise ApiError(f"'stop' may hold at most {MAX_STOP} strings, got {len(stops)}", param="stop")
+    if any(not s for s in stops):
+        raise ApiError("'stop' strings must not be empty", param="stop")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise ApiError("'stream_options' must be an object", param="stream_options")
+    stream = _bool(body, "stream")
+    include_usage = bool(opts and opts.get("include_usage"))
+    if include_usage and not stream:
+        raise ApiError("'stream_options' is only allowed with stream: true", param="stream_options")
+    return ChatRequest(
+        messages=messages, stream=stream, include_usage=include_usage,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0, lo_open=True),
+        max_tokens=max_tokens, stop=stops, seed=_integer(body, "seed"),
+        ignore_eos=_bool(body, "ignore_eos"))
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def completion_body(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chunk_body(cid: str, created: int, model: str, delta: dict,
+               finish_reason: str | None = None, with_usage: dict | None = None,
+               empty_choices: bool = False) -> dict:
+    """One ``chat.completion.chunk``; the usage chunk (stream_options.include_usage) has no
+    choices."""
+    body: dict = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                  "choices": [] if empty_choices else
+                  [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if with_usage is not None:
+        body["usage"] = with_usage
+    return body
