@@ -254,6 +254,12 @@ def test_options_from_config():
         skip_bad=True, verify_labels=False)
 
 
+def test_option_defaults_match_the_config_defaults():
+    from chatft.config import DataArgs
+
+    assert DataOptions.from_config(DataArgs(path="data.json")) == DataOptions()
+
+
 # --------------------------------------------------------------------------- dataset
 
 

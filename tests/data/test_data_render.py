@@ -91,6 +91,7 @@ def test_render_many_matches_render_one_by_one(qwen):
     convs = [MULTI, conv(("user", "a"), ("assistant", "b"), index=7)]
     assert render_many(convs, qwen) == [render(c, qwen) for c in convs]
     assert [r.index for r in render_many(convs, qwen)] == [0, 7]
+    assert render_many([], qwen) == []  # e.g. inspect --index with only absent records
 
 
 def test_unicode_whitespace_and_nfc_answers_verify(qwen, qwen_tokenizer):

@@ -140,6 +140,8 @@ def _trained_spans(conv: Conversation, fmt: ChatFormat, train_on: TrainOn, full:
 def render_many(convs: Sequence[Conversation], fmt: ChatFormat, train_on: TrainOn = "assistant",
                 verify: bool = True) -> list[Rendered]:
     """Render, tokenize (one batched call) and mask a list of conversations."""
+    if not convs:  # a tokenizer called on an empty batch fails
+        return []
     texts = [fmt.text(c.as_dicts(), record=c.index) for c in convs]
     spans = [_trained_spans(c, fmt, train_on, t) for c, t in zip(convs, texts)]
     enc = fmt.tokenizer(texts, add_special_tokens=False,  # type: ignore[operator]
