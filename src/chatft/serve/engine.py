@@ -97,8 +97,12 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cond:
-            self._stats.waiting = len(self._waiting)
-            return asdict(self._stats)
+            st = self._stats
+            st.waiting = len(self._waiting)
+            # Counted from the finish counters, which are updated before a request's final
+            # event reaches its client: a client that got its answer is never "running".
+            st.running = st.submitted - st.waiting - st.completed - st.cancelled - st.failed
+            return asdict(st)
 
     @property
     def waiting(self) -> int:
@@ -135,6 +139,8 @@ class Engine:
             try:
                 if new:
                     batch.admit(new)
+                    with self._cond:
+                        self._stats.max_batch_seen = max(self._stats.max_batch_seen, len(batch))
                 batch.step()
             except Exception as e:  # the model failed: fail this batch, keep serving
                 log.error("generation failed:\n%s", traceback.format_exc())
@@ -142,9 +148,6 @@ class Engine:
                 for seq in new:
                     seq.finish("error", message)
                 batch.fail_all(message)
-            with self._cond:
-                self._stats.running = len(batch)
-                self._stats.max_batch_seen = max(self._stats.max_batch_seen, len(batch))
         with self._cond:
             for seq in self._waiting:
                 seq.finish("cancelled")
