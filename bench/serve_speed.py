@@ -83,7 +83,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, question: str,
             usage = chunk.get("usage") or usage
     end = time.perf_counter()
     return {"latency": end - t0, "ttft": (first or end) - t0,
-            "completion_tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"]}
+            "completion_tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"]}
 
 
 async def run_level(url: str, concurrency: int, n_requests: int, args: argparse.Namespace) -> dict:

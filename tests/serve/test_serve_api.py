@@ -155,7 +155,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
                 assert set(err["error"]) == {"message", "type", "param", "code"}, err
                 assert err["error"]["type"] == "invalid_request_error" and err["error"]["message"]
                 assert err["error"]["param"] == param, (body[:60], err)
-            got, err = await _post(s, served.url, json.dumps({"messages": HI, "max_tokens": CONTEXT}))
+            too_long = json.dumps({"messages": HI, "max_tokens": CONTEXT})
+            got, err = await _post(s, served.url, too_long)
             assert err["error"]["code"] == "context_length_exceeded"
             # Over the 1 MiB body limit: 413, same error shape.
             huge = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
@@ -268,3 +269,26 @@ def test_client_that_does_not_read_does_not_stall_others(served):
     assert slow_still_running
     _wait_for(served.url, lambda h: h["cancelled"] > before["cancelled"] and h["running"] == 0,
               "the silent request to be cancelled")
+
+
+def test_disconnected_non_streaming_client_is_cancelled(served):
+    host, port = served.url.removeprefix("http://").split(":")
+
+    async def main():
+        body = json.dumps({"messages": HI, "max_tokens": CONTEXT - 100,
+                           "ignore_eos": True}).encode()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        await writer.drain()
+        await asyncio.to_thread(_wait_for, served.url, lambda h: h["running"] >= 1,
+                                "the request to start")
+        writer.close()
+        await writer.wait_closed()
+
+    before = _health(served.url)
+    asyncio.run(main())
+    after = _wait_for(served.url, lambda h: h["cancelled"] > before["cancelled"] and
+                      h["running"] == 0, "the request to be cancelled")
+    assert after["completed"] == before["completed"]

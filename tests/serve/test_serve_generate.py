@@ -27,7 +27,8 @@ def test_load_reads_persona_stops_and_context(chat_model, qwen_tokenizer):
 
 def test_prompt_ids_are_the_training_format(chat_model, qwen_tokenizer):
     fmt = chat_format(qwen_tokenizer)
-    assert chat_model.prompt_ids(HI) == fmt.prompt_ids([{"role": "system", "content": PERSONA}] + HI)
+    system = [{"role": "system", "content": PERSONA}]
+    assert chat_model.prompt_ids(HI) == fmt.prompt_ids(system + HI)
     own = [{"role": "system", "content": "Be a cat."}] + HI
     assert chat_model.prompt_ids(own) == fmt.prompt_ids(own)
     assert chat_model.prompt_ids(own, system="Be a dog.") == fmt.prompt_ids(

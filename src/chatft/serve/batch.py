@@ -183,8 +183,10 @@ class SlabLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # transformers < 5 passes the query's cache_position tensor instead of its length.
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return self.length + q, 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("DecodeBatch reshapes the cache itself")
@@ -203,8 +205,8 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     whose cumulative probability (in descending-probability order when top-p < 1, else in
     vocabulary order) first exceeds ``uniform * total``. Using one uniform draw per token,
     drawn from the sequence's own generator, is what makes a seeded answer independent of
-    its batch neighbours: only the logits themselves can differ, by floating-point noise between batch
-    shapes, which changes a token only at a near-tie.
+    its batch neighbours: only the logits themselves can differ, by floating-point noise
+    between batch shapes, which changes a token only at a near-tie.
     """
     out = logits.argmax(dim=-1)  # [B]
     sampled = temperature > 0

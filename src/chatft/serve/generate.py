@@ -19,7 +19,8 @@ Interface::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
 
@@ -60,10 +61,18 @@ class ChatModel:
     default_top_p: float = 0.9
     """Sampling used when a caller asks for none: generation_config.json's when it samples."""
 
+    _encode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Fast tokenizers can fail ("Already borrowed") when one instance encodes on several
+    threads at once, as the server's executor threads would."""
+
     @classmethod
     def wrap(cls, model, tokenizer, system_prompt: str | None = None, name: str = "model",
              extra_stop_tokens: Seq[str] = ()) -> "ChatModel":
-        """Build from a model and tokenizer already loaded (e.g. right after training)."""
+        """Build from a model and tokenizer already loaded (e.g. right after training).
+
+        Puts ``model`` in eval mode (no dropout while generating); a caller that goes on
+        training calls ``model.train()`` afterwards. The model must hold its full weights
+        (not ZeRO-3 partitions)."""
         fmt = chat_format(tokenizer)
         stops = {fmt.eot_id}
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -109,7 +118,9 @@ class ChatModel:
 
     def prompt_ids(self, messages: Seq[dict], system: str | None = None) -> list[int]:
         """Token ids of the conversation ready for the assistant's answer."""
-        return self.fmt.prompt_ids(self.conversation(messages, system))
+        msgs = self.conversation(messages, system)
+        with self._encode_lock:
+            return self.fmt.prompt_ids(msgs)
 
     def sequence(self, prompt_ids: list[int], params: SamplingParams, sink) -> Sequence:
         """A :class:`Sequence` for a batch (``sink`` receives its events)."""
@@ -144,8 +155,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
+        built = "with" if torch.version.cuda else "without"
         raise ChatftError(f"--device {device}: no CUDA GPU is available (torch "
-                          f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)")
+                          f"{torch.__version__}, built {built} CUDA)")
     return torch.device(device)
 
 

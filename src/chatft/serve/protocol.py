@@ -31,7 +31,8 @@ class ApiError(Exception):
     def __init__(self, message: str, *, param: str | None = None, status: int = 400,
                  type: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
-        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+        self.message, self.param, self.status = message, param, status
+        self.type, self.code = type, code
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -129,7 +130,8 @@ def _messages(body: dict) -> list[dict]:
         role = ROLES[role]
         if role == "system" and i != 0:
             raise ApiError(f"messages[{i}]: a system message may only come first (the model was "
-                           "trained with one persona per conversation)", param=f"messages[{i}].role")
+                           "trained with one persona per conversation)",
+                           param=f"messages[{i}].role")
         out.append({"role": role, "content": _content(m, i)})
     if all(m["role"] == "system" for m in out):
         raise ApiError("'messages' has no user message", param="messages")
@@ -179,7 +181,8 @@ def parse_request(body: Any) -> ChatRequest:
     else:
         raise ApiError("'stop' must be a string or a list of strings", param="stop")
     if len(stops) > MAX_STOP:
-        raise ApiError(f"'stop' may hold at most {MAX_STOP} strings, got {len(stops)}", param="stop")
+        raise ApiError(f"'stop' may hold at most {MAX_STOP} strings, got {len(stops)}",
+                       param="stop")
     if any(not s for s in stops):
         raise ApiError("'stop' strings must not be empty", param="stop")
     opts = body.get("stream_options")

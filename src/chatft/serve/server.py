@@ -226,7 +226,8 @@ async def _stream(request: web.Request, req: ChatRequest, model: str,
     return resp
 
 
-def build_app(engine: Engine, api_key: str | None = None, max_waiting: int = 1024) -> web.Application:
+def build_app(engine: Engine, api_key: str | None = None, max_waiting: int = 1024
+              ) -> web.Application:
     """The aiohttp application around a started :class:`Engine`."""
     app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY)
     app[ENGINE] = engine
