@@ -105,6 +105,15 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return run(load_config(config, overrides))
 
 
+def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from chatft.export.hf import export_checkpoint
+
+    if rest:
+        raise ChatftError(f"chatft export: unexpected arguments {' '.join(rest)}")
+    export_checkpoint(args.checkpoint, args.output, args.dtype)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chatft", description="Full fine-tuning of chat models on your dialogues.",
@@ -130,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "field (see `chatft --help`), e.g. --learning_rate 2e-5 "
                                    "--nproc 4.")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="checkpoint -> Hugging Face model folder",
+                       description="Consolidate a DeepSpeed (ZeRO 0-3) or single-process "
+                                   "checkpoint into one Hugging Face model folder, and check it "
+                                   "by reloading it.")
+    e.add_argument("checkpoint", help="checkpoint folder, or a run's output_dir (its latest)")
+    e.add_argument("--output", "-o", help="model folder to write (default: "
+                                          "<output_dir>/export-step-N)")
+    e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype "
+                                                                     "(default: the run's export_dtype)")
+    e.set_defaults(func=cmd_export)
 
     c = sub.add_parser("convert", help="convert a Qwen-1 folder to a plain Qwen2 folder",
                        description="Write a Hugging Face Qwen2 folder (config, safetensors "

@@ -150,3 +150,61 @@ def export_from_engine(engine, cfg, tokenizer, source, out_dir: Path, train_summ
               f"{report['top1_agreement']:.0%})", flush=True)
     engine.barrier()
     return out_dir
+
+
+def checkpoint_state_dict(folder: Path, engine: str) -> dict[str, torch.Tensor]:
+    """Full-precision weights of a checkpoint, keyed like the transformers model."""
+    if engine == "torch":
+        state = torch.load(folder / "engine_state.pt", map_location="cpu", weights_only=False)["model"]
+    elif list((folder / "engine").glob("*optim_states.pt")) and \
+            list((folder / "engine").glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        wrapped = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine")
+        state = {k.removeprefix("model."): v for k, v in wrapped.items()}
+    else:  # DeepSpeed without ZeRO: the module's own state dict
+        module = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)["module"]
+        state = {k.removeprefix("model."): v.float() for k, v in module.items()}
+    return state
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
+                      dtype: str | None = None) -> Path:
+    """``chatft export``: a checkpoint folder (or a run folder: its latest) -> model folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from chatft.config import config_from_dict
+    from chatft.data.prepare import DataOptions
+    from chatft.data.render import chat_format
+    from chatft.train import checkpoint as ckpt
+
+    folder = Path(checkpoint)
+    if not ckpt.is_checkpoint(folder):
+        latest = ckpt.latest_checkpoint(folder)
+        if latest is None:
+            raise ChatftError(f"{checkpoint}: not a chatft checkpoint (no {ckpt.MARKER}) and no "
+                              f"complete checkpoint under {ckpt.checkpoints_dir(folder)}")
+        folder = latest
+    trainer = ckpt.read_state(folder)
+    cfg = config_from_dict(trainer["config"])
+    dtype = dtype or cfg.train.export_dtype
+    out = Path(out_dir) if out_dir else folder.parent.parent / f"export-{folder.name}"
+    config = AutoConfig.from_pretrained(folder / "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    state = checkpoint_state_dict(folder, trainer["engine"])
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    reference.load_state_dict(state, strict=False)
+    reference.tie_weights()
+    system = DataOptions.from_config(cfg.data).system
+    probe = probe_ids(tokenizer, system)
+    logits = _probe_logits(reference, probe, torch.device("cpu"))
+    del reference
+    meta = ChatMeta(system_prompt=system, eot_token=chat_format(tokenizer).eot_token,
+                    base_model=trainer.get("base_model", ""), train_on=cfg.data.train_on,
+                    extra={"steps": trainer["step"], "exported_from": str(folder)})
+    report = write_folder(state, config, tokenizer, meta, out, dtype=dtype, reference_logits=logits,
+                          reference_dtype=torch.float32, probe=probe, device=torch.device("cpu"))
+    print(f"chatft: exported {folder} -> {out} ({dtype}; reload check: max relative logit "
+          f"difference {report['max_rel_diff']:.2e})")
+    return out

@@ -45,10 +45,12 @@ def use_liger(args: ModelArgs, device: torch.device) -> bool:
 
 
 def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
-                device: torch.device, seed: int, gradient_checkpointing: bool):
+                device: torch.device, seed: int, gradient_checkpointing: bool,
+                max_length: int | None = None):
     """The ``*ForCausalLM`` to train, in ``dtype``, in training mode.
 
-    ``device`` is where random weights are created (real weights always load on the CPU).
+    ``device`` is where random weights are created (real weights always load on the CPU);
+    ``max_length`` lets a Qwen-1 model warn when training goes past its trained context.
     """
     from transformers import AutoModelForCausalLM
 
@@ -61,8 +63,8 @@ def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
     elif source.kind == "qwen1":
         from chatft.model.qwen1 import load_qwen1_model
 
-        model = load_qwen1_model(source.folder, dtype=dtype)
-        model.set_attn_implementation(attn)
+        model = load_qwen1_model(source.folder, dtype=dtype, attn_implementation=attn,
+                                 max_length=max_length)
     else:
         extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,

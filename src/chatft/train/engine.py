@@ -145,7 +145,9 @@ class TorchEngine(Engine):
 
     def save(self, folder: Path, client_state: dict) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        # "model" holds the trained weights at full precision (fp32 masters in bf16 runs), so
+        # export from a checkpoint loses nothing.
+        torch.save({"model": self.full_state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler else None,
                     "client_state": client_state}, folder / "engine_state.pt")
 
@@ -216,6 +218,12 @@ class DeepSpeedEngine(Engine):
             model=self.wrapper, optimizer=optimizer, config=ds_config,
             model_parameters=None if optimizer is not None else
             [p for p in self.wrapper.parameters() if p.requires_grad])
+        if self.stage == 3:
+            # Models built from here on (export, generation) must be ordinary, whole ones.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            del self._hf_ds
+            unset_hf_deepspeed_config()
 
     def optimizer_param_groups(self) -> list[dict]:
         return self.optimizer.param_groups

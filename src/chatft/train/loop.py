@@ -102,7 +102,8 @@ def make_engine(cfg: Config, source, precision: str, device: torch.device, total
     def build(create_on):
         return build_model(cfg.model, source, dtype=model_dtype,
                            device=create_on if create_on is not None else device,
-                           seed=cfg.train.seed, gradient_checkpointing=gc)
+                           seed=cfg.train.seed, gradient_checkpointing=gc,
+                           max_length=cfg.data.max_length)
 
     if not cfg.uses_deepspeed:
         return TorchEngine(cfg, build(device), precision, device, fused)
