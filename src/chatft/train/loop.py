@@ -149,6 +149,23 @@ def run_step(engine: Engine, data: _Data, plan: StepPlan, cfg: Config, pad_id: i
     return local
 
 
+def gpu_memory_peaks(engine: Engine) -> dict[str, list[float]]:
+    """Peak GPU memory of every process so far, in GiB and rank order: what torch allocated
+    and what its caching allocator reserved. Empty off CUDA. Every process must call it."""
+    if engine.device.type != "cuda":
+        return {}
+    mine = torch.tensor([torch.cuda.max_memory_allocated(engine.device),
+                         torch.cuda.max_memory_reserved(engine.device)],
+                        dtype=torch.float64, device=engine.device) / 2**30  # [2]
+    if engine.world_size > 1:
+        every = torch.empty(2 * engine.world_size, dtype=torch.float64, device=engine.device)
+        dist.all_gather_into_tensor(every, mine)  # [world * 2], rank-major
+        mine = every
+    pairs = mine.view(-1, 2).tolist()
+    return {"gpu_mem_allocated_gib": [round(a, 3) for a, _ in pairs],
+            "gpu_mem_reserved_gib": [round(r, 3) for _, r in pairs]}
+
+
 def train(cfg: Config) -> TrainResult:
     """Train as ``cfg`` says; resume, checkpoint, evaluate, export. Every process calls this."""
     rank, world = init_distributed(cfg)
@@ -207,16 +224,21 @@ def train(cfg: Config) -> TrainResult:
         local = run_step(engine, train_data, plan, cfg, pad_id, multiple)
         lr = lr_at(step, peak=t.learning_rate, total_steps=total_steps, warmup=warmup,
                    kind=t.lr_scheduler_type)
+        if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
+            lr = engine.current_lr()
         grad_norm = engine.step(lr)
         step_loss = float(engine.all_reduce_sum(local)) / plan.trained_tokens
         elapsed = time.perf_counter() - step_start
         tokens_done += plan.tokens
         done = step + 1
-        if rank == 0 and (done % t.logging_steps == 0 or done == total_steps):
-            metrics.log({"step": done, "epoch": round(step / per_epoch + 1 / per_epoch, 4),
-                         "loss": step_loss, "lr": engine.current_lr(), "grad_norm": grad_norm,
-                         "tokens": plan.tokens, "trained_tokens": plan.trained_tokens,
-                         "step_time_s": elapsed, "tokens_per_s": plan.tokens / elapsed})
+        if done % t.logging_steps == 0 or done == total_steps:
+            memory = gpu_memory_peaks(engine)  # every process takes part
+            if rank == 0:
+                metrics.log({"step": done, "epoch": round(step / per_epoch + 1 / per_epoch, 4),
+                             "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                             "tokens": plan.tokens, "trained_tokens": plan.trained_tokens,
+                             "step_time_s": elapsed, "tokens_per_s": plan.tokens / elapsed,
+                             "time": time.time(), **memory})
         metrics.advance()
         if eval_data is not None and t.eval_steps and done % t.eval_steps == 0 and done != total_steps:
             metrics.log({"step": done, "eval_loss": evaluate(engine, eval_data, cfg, pad_id, multiple)})

@@ -1,0 +1,65 @@
+"""Fixtures for training tests: a tiny random Qwen2 folder with the real Qwen tokenizer, a small
+slice of huanhuan, and a helper that runs ``chatft`` as users do (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY_QWEN2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+                  rms_norm_eps=1e-6, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, qwen_tokenizer) -> Path:
+    """A Qwen2ForCausalLM with 2 layers of width 32 and Qwen's full vocabulary, saved with the
+    real Qwen tokenizer (ChatML template): a model folder like a user's, only tiny."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    cfg = Qwen2Config(vocab_size=len(qwen_tokenizer), eos_token_id=qwen_tokenizer.eos_token_id,
+                      pad_token_id=qwen_tokenizer.pad_token_id, bos_token_id=None, **TINY_QWEN2)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    qwen_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def huanhuan_small(tmp_path_factory, huanhuan_path) -> Path:
+    """The first 64 records of huanhuan (same format, real text)."""
+    records = json.loads(huanhuan_path.read_text(encoding="utf-8"))[:64]
+    path = tmp_path_factory.mktemp("data") / "huanhuan64.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def run_chatft(*args: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m chatft ARGS`` with this checkout's sources first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = subprocess.run([sys.executable, "-m", "chatft", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"chatft {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+
+
+def step_losses(output_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(output_dir) if "loss" in r]
