@@ -116,3 +116,22 @@ def test_micro_batch_without_targets_gives_zero_loss_and_zero_gradients():
     assert int(n) == 0 and float(loss) == 0.0
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_varlen_attention_equals_sdpa_on_packed_rows():
+    """The varlen path (FlashAttention on CUDA, per-sample SDPA elsewhere) sees the sample
+    boundaries through cu_seqlens and computes what mask-based SDPA computes."""
+    from chatft.model.attention import register
+
+    register()
+    data = samples(4)
+    packed = pack(data)
+    results = {}
+    for attn in ("sdpa", "varlen"):
+        model = tiny_model(attn)
+        loss, _ = CausalLMLoss(model)(packed.input_ids, packed.position_ids, packed.targets, None)
+        loss.backward()
+        results[attn] = (loss.detach(), _grads(model))
+    torch.testing.assert_close(results["varlen"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
+    for k, g in results["sdpa"][1].items():
+        torch.testing.assert_close(results["varlen"][1][k], g, rtol=1e-4, atol=1e-6, msg=k)

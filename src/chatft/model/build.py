@@ -17,8 +17,6 @@ from chatft.model.loading import ModelSource, model_config
 
 log = logging.getLogger("chatft")
 
-#: Attention kernels that keep packed samples apart given per-sample position_ids.
-PACKED_ATTENTION = ("sdpa", "flex_attention", "eager", "flash_attention_2")
 
 
 def resolve_attention(requested: str, device: torch.device) -> str:
@@ -55,6 +53,10 @@ def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
     from transformers import AutoModelForCausalLM
 
     attn = resolve_attention(args.attn_implementation, device)
+    if attn == "varlen":
+        from chatft.model.attention import register
+
+        register()
     if args.random_init:
         config = model_config(source)
         torch.manual_seed(seed)
@@ -83,8 +85,28 @@ def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
         log.info("liger kernels: fused RMSNorm, SwiGLU and RoPE")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        limit_checkpointed_layers(model, args.checkpoint_layers)
     model.train()
     return model
+
+
+def limit_checkpointed_layers(model: torch.nn.Module, k: int) -> int:
+    """Keep recomputation on the first ``k`` decoder layers only (``k < 0``: all); returns how
+    many recompute.
+
+    transformers' decoder layers are ``GradientCheckpointingLayer``s, each checking its own
+    ``gradient_checkpointing`` flag, so switching the flag off on the later layers makes them
+    keep their activations. Recomputing the *first* layers is the cheaper choice: when the
+    backward pass reaches them, the later layers' activations are already freed.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if k < 0:
+        return len(layers)
+    for n, layer in enumerate(layers):
+        layer.gradient_checkpointing = n < k
+    return min(k, len(layers))
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -68,8 +68,15 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = {}
+        if attention_mask is None and self.model.config._attn_implementation == "varlen":
+            from chatft.model.attention import cu_seqlens_from_positions
+
+            cu, longest = cu_seqlens_from_positions(position_ids)
+            extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                         max_length_k=longest)
         out = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
-                                    attention_mask=attention_mask, use_cache=False)
+                                    attention_mask=attention_mask, use_cache=False, **extra)
         hidden = out.last_hidden_state  # [B, T, H]
         keep = targets != IGNORE_INDEX  # [B, T]
         n = keep.sum()
