@@ -22,7 +22,7 @@ def test_liger_fused_linear_cross_entropy_equals_chunked():
     from chatft.train.batching import pack
 
     torch.manual_seed(0)
-    model = tiny_model().cuda()
+    model = tiny_model(hidden=128, heads=2).cuda()
     batch = pack(samples(6)).to("cuda")
     out = {}
     for kernel in ("chunked", "liger"):
@@ -45,15 +45,15 @@ def test_packed_attention_kernels_equal_sdpa_on_cuda(attn):
     batch = pack(samples(5)).to("cuda")
     losses = {}
     for impl in ("sdpa", attn):
-        model = tiny_model(impl).cuda().to(torch.bfloat16)
+        model = tiny_model(impl, hidden=128, heads=2).cuda().to(torch.bfloat16)
         losses[impl], _ = CausalLMLoss(model)(batch.input_ids, batch.position_ids, batch.targets)
     torch.testing.assert_close(losses[attn].float(), losses["sdpa"].float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.fixture(scope="module")
-def gpu_runs(tmp_path_factory, tiny_qwen2_dir, huanhuan_small):
+def gpu_runs(tmp_path_factory, tiny_qwen2_gpu_dir, huanhuan_small):
     root = tmp_path_factory.mktemp("gpu")
-    common = ["--model", tiny_qwen2_dir, "--data", huanhuan_small, "--system", SYSTEM,
+    common = ["--model", tiny_qwen2_gpu_dir, "--data", huanhuan_small, "--system", SYSTEM,
               "--max_steps", "4", "--learning_rate", "1e-3", "--save_steps", "2", "--seed", "7"]
     layouts = {"plain_fp32": ["--per_device_train_batch_size", "8", "--precision", "fp32",
                               "--liger_kernel", "off"],

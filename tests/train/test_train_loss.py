@@ -11,13 +11,13 @@ from chatft.train.batching import pack, pad
 from chatft.train.loss import CausalLMLoss, chunked_linear_cross_entropy
 
 
-def tiny_model(attn="sdpa", vocab=97, tie=False):
+def tiny_model(attn="sdpa", vocab=97, tie=False, hidden=32, heads=4):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                      max_position_embeddings=256)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                      tie_word_embeddings=tie, max_position_embeddings=256)
     model = Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     return model.train()
 
