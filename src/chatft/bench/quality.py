@@ -1,0 +1,629 @@
+"""Quality benchmark: does a chatft fine-tune learn a persona, and does the recommended batch
+hurt learning?
+
+Each *variant* is one full ``chatft train`` run (a subprocess, exactly as a user runs it) on
+the huanhuan role-play set with a tenth held out (records whose index ``i`` has
+``i % 10 == 9``, chatft's ``--eval_ratio 0.1``; :func:`held_out_split` checks that chatft
+really holds out those records before anything trains). A variant differs from the others only
+in global batch, peak learning rate and schedule; model, data, system prompt, epochs, seed,
+optimizer betas, clipping, precision and packing are shared. From each run we read:
+
+* held-out loss before and after training (mean NLL per trained token): the first and last
+  ``eval_loss`` records of ``metrics.jsonl``;
+* steps, training time and tokens/s (sums of the per-step ``step_time_s`` and ``tokens``
+  records, i.e. optimizer steps only, without model loading, evaluation or export), and the
+  run's whole wall time;
+* greedy answers of the exported model (``output_dir/final``) to four identity questions,
+  asked with the system prompt the data was trained with.
+
+Whether an answer is "in character" is judged by :func:`persona_check`, a deliberately
+simple, documented heuristic (persona vocabulary present, no AI self-description, mostly
+Chinese). It is a screen, not a verdict: every answer is printed and stored so a person can
+judge it, and the base model's answers to the same questions are stored alongside as the
+baseline the heuristic must reject.
+
+Library entry points: :func:`run_benchmark` (-> result dict), :func:`format_report` (table
+and answers as text), :func:`write_result`. The command-line driver is
+``bench/quality_smollm2.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: The system prompt of the huanhuan tutorial; training records get it and questions use it.
+SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛."
+#: Identity questions asked of every fine-tuned model (and of the base model, for contrast).
+QUESTIONS = ("你是谁？", "你叫什么名字？", "你的父亲是谁？", "请介绍一下你自己。")
+#: Held-out fraction: chatft keeps out records with index % 10 == 9.
+EVAL_RATIO = 0.1
+#: Answers are greedy and capped at this many new tokens (the tutorial generates 128).
+MAX_NEW_TOKENS = 128
+#: The acceptance setup; a run with other epochs or a record limit is a smoke run.
+ACCEPTANCE_EPOCHS = 3
+
+#: Numbers measured earlier with other code on SmolLM2-135M-Instruct and the same split;
+#: stored in every result for comparison (never recomputed here).
+REFERENCE: dict[str, Any] = {
+    "plain_pytorch_loop": {
+        "global_batch": 16, "learning_rate": 2e-5, "epochs": 3,
+        "held_out_loss_before": 3.227, "held_out_loss_after": 2.179,
+        "persona": "answered all four questions in character (judged by a person)",
+    },
+    "previous_large_batch": {
+        "global_batch": 128, "learning_rate": 2e-4, "epochs": 3,
+        "held_out_loss_after": 2.107,
+        "note": "compared with 2.179 at batch 16, lr 2e-5",
+    },
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training setup; everything not named here is shared by all variants."""
+
+    name: str
+    global_batch: int
+    """Samples per optimizer step (one process: per-device batch, no accumulation)."""
+
+    learning_rate: float
+    lr_scheduler_type: str
+    warmup_ratio: float
+    why: str
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v for v in (
+        Variant("recommended", 128, 2e-4, "cosine", 0.03,
+                "chatft's recommendation for small models: a large batch keeps the GPU busy "
+                "(about 19k tokens per step on huanhuan) and makes 3 epochs 81 steps; lr 2e-4 "
+                "compensates for the 8x-32x fewer updates than batch 16 / batch 4; cosine decay "
+                "with 3% warmup (3 of 81 steps) keeps AdamW's first updates, whose size does "
+                "not depend on the gradient's scale, from jolting the pretrained weights"),
+        Variant("tutorial_hp", 4, 1e-4, "linear", 0.0,
+                "the tutorial's batch 4 and lr 1e-4, with the schedule a Hugging Face Trainer "
+                "uses when none is configured: linear decay to 0, no warmup"),
+        Variant("reference_hp", 16, 2e-5, "cosine", 0.03,
+                "the plain PyTorch reference loop's batch 16 and lr 2e-5 (3.227 -> 2.179), "
+                "same schedule as recommended, so chatft is compared at equal settings"),
+    )
+}
+DEFAULT_VARIANTS = ("recommended", "tutorial_hp", "reference_hp")
+
+
+# --------------------------------------------------------------------------- persona check
+
+#: Words of the persona's world: her names, her forms of address and self-reference, the
+#: people around her (her father 甄远道 answers "你的父亲是谁？").
+PERSONA_MARKERS = ("甄嬛", "嬛嬛", "本宫", "臣妾", "嫔妾", "皇上", "娘娘", "小主", "四郎",
+                   "甄远道", "皇后", "华妃")
+#: Self-descriptions of a chat assistant: an answer with one of these is out of character.
+ASSISTANT_MARKERS = ("ai", "assistant", "smollm", "language model", "hugging face", "chatbot",
+                     "人工智能", "助手", "语言模型", "机器人")
+#: At least this share of an answer's letters must be CJK ideographs (the data's language).
+MIN_CJK_SHARE = 0.5
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_WORD = re.compile(r"[a-z]+(?: [a-z]+)*")
+
+
+@dataclass(frozen=True)
+class PersonaCheck:
+    in_character: bool
+    persona_markers: tuple[str, ...]
+    """Persona words found in the answer."""
+
+    assistant_markers: tuple[str, ...]
+    """Assistant self-descriptions found (any one makes the answer out of character)."""
+
+    cjk_share: float
+    """CJK ideographs / all letters and ideographs (punctuation, digits, spaces not counted)."""
+
+
+def persona_check(answer: str) -> PersonaCheck:
+    """Heuristic: in character = mentions the persona's world (:data:`PERSONA_MARKERS`), never
+    describes itself as an assistant (:data:`ASSISTANT_MARKERS`; Latin ones matched as whole
+    words, case-insensitively), and is mostly Chinese (:data:`MIN_CJK_SHARE`).
+
+    It misses in-character answers that name nobody ("你放心，我自有分寸。") and would accept
+    an answer that names 皇上 while making no sense; read the answers.
+
+    >>> persona_check("臣妾是甄嬛。").in_character
+    True
+    >>> persona_check("I am SmolLM, an AI assistant.").assistant_markers
+    ('ai', 'assistant', 'smollm')
+    """
+    lower = answer.lower()
+    found = tuple(m for m in PERSONA_MARKERS if m in answer)
+    latin = " " + " ".join(_LATIN_WORD.findall(lower)) + " "
+    breaks = tuple(m for m in ASSISTANT_MARKERS
+                   if (f" {m} " in latin if m.isascii() else m in answer))
+    letters = [c for c in answer if c.isalpha()]  # CJK ideographs count as alphabetic
+    cjk = sum(1 for c in letters if _CJK.match(c))
+    share = cjk / len(letters) if letters else 0.0
+    return PersonaCheck(bool(found) and not breaks and share >= MIN_CJK_SHARE, found, breaks,
+                        round(share, 3))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class RunMetrics:
+    """What one run's ``metrics.jsonl`` says."""
+
+    steps: int
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    evals: list[dict]
+    """Every ``{"step", "eval_loss"}`` record, in order."""
+
+    final_train_loss: float | None
+    tokens: int
+    """Tokens (prompt + answer) processed by all optimizer steps."""
+
+    train_s: float
+    """Sum of the steps' ``step_time_s``: forward, backward and optimizer, nothing else."""
+
+    loss_curve: list[list[float]] = field(default_factory=list)
+    """``[step, train loss]`` pairs, at most ~100, evenly spaced, last step always included."""
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.train_s if self.train_s > 0 else None
+
+
+def read_metrics(path: str | Path, curve_points: int = 100) -> RunMetrics:
+    """Parse ``metrics.jsonl``. Held-out loss before/after = first/last ``eval_loss`` record
+    (chatft evaluates at step 0 and after the last step)."""
+    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    stride = max(1, math.ceil(len(steps) / curve_points))
+    curve = [[r["step"], round(r["loss"], 5)] for i, r in enumerate(steps)
+             if i % stride == 0 or i == len(steps) - 1]
+    return RunMetrics(
+        steps=max((r["step"] for r in steps), default=0),
+        eval_loss_before=evals[0]["eval_loss"] if evals else None,
+        eval_loss_after=evals[-1]["eval_loss"] if len(evals) > 1 else None,
+        evals=evals,
+        final_train_loss=steps[-1]["loss"] if steps else None,
+        tokens=sum(int(r["tokens"]) for r in steps),
+        train_s=sum(float(r["step_time_s"]) for r in steps),
+        loss_curve=curve)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class QualityOptions:
+    model: str = "smollm2-135m-instruct"
+    """Base model: the embedded alias, a .gguf file (dequantized once, then shared by all
+    variants) or a Hugging Face folder."""
+
+    data: str = ""
+    """huanhuan.json (Alpaca records)."""
+
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    epochs: float = ACCEPTANCE_EPOCHS
+    limit: int | None = None
+    """Use only the first N records (smoke runs)."""
+
+    device: str = "auto"
+    """auto (CUDA when present), cuda or cpu; precision follows: bf16 on CUDA, fp32 on CPU."""
+
+    runs_dir: Path = Path("runs/quality")
+    """Where each variant's output_dir (metrics, loss curve, exported model) goes."""
+
+    seed: int = 42
+    command: str = ""
+    """The command line that started the benchmark (stored in the result)."""
+
+
+def default_data_path() -> Path:
+    """``$CHATFT_SHARED/data/huanhuan.json``, else ``../shared/data/huanhuan.json`` next to
+    the checkout."""
+    shared = os.environ.get("CHATFT_SHARED")
+    if shared:
+        return Path(shared) / "data" / "huanhuan.json"
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "huanhuan.json"
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        from chatft.errors import ChatftError
+
+        raise ChatftError(f"--device {device}: expected auto, cuda or cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from chatft.errors import ChatftError
+
+        raise ChatftError("--device cuda: no CUDA GPU is available")
+    return device
+
+
+def base_model_folder(name_or_path: str) -> Path:
+    """A Hugging Face folder for the base model. A .gguf file is dequantized once into the
+    cache, so the variants do not each re-read and dequantize it (and all start from
+    identical weights)."""
+    from chatft.errors import ChatftError
+    from chatft.model.loading import materialize_gguf, resolve_model
+
+    source = resolve_model(name_or_path)
+    if source.kind == "gguf":
+        return materialize_gguf(source.folder / str(source.gguf_file),
+                                Path(str(source.gguf_file)).stem)
+    if source.kind != "hf":
+        raise ChatftError(f"{name_or_path}: the quality benchmark needs a Hugging Face folder or "
+                          f"a .gguf file (got a {source.kind} model)")
+    return source.folder
+
+
+def limited_data(path: Path, limit: int | None, work: Path) -> Path:
+    """``path`` itself, or a copy holding only its first ``limit`` records (JSON array or
+    JSONL), so chatft's held-out rule applies to the same record indices."""
+    if limit is None:
+        return path
+    text = path.read_text(encoding="utf-8")
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{path.stem}_first{limit}{path.suffix}"
+    if path.suffix == ".jsonl":
+        lines = [line for line in text.splitlines() if line.strip()][:limit]
+        out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    else:
+        out.write_text(json.dumps(json.loads(text)[:limit], ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def train_overrides(variant: Variant, *, model: Path, data: Path, epochs: float, precision: str,
+                    output_dir: Path, seed: int) -> list[str]:
+    """``chatft train`` options of one variant (shared settings first)."""
+    return ["--model", str(model), "--data", str(data), "--system", SYSTEM_PROMPT,
+            "--eval_ratio", str(EVAL_RATIO), "--num_train_epochs", f"{epochs:g}",
+            "--precision", precision, "--packing", "true", "--seed", str(seed),
+            "--logging_steps", "1", "--export", "true",
+            "--per_device_train_batch_size", str(variant.global_batch),
+            "--gradient_accumulation_steps", "1",
+            "--learning_rate", f"{variant.learning_rate:g}",
+            "--lr_scheduler_type", variant.lr_scheduler_type,
+            "--warmup_ratio", f"{variant.warmup_ratio:g}",
+            "--output_dir", str(output_dir)]
+
+
+def held_out_split(overrides: list[str]) -> dict[str, Any]:
+    """Tokenize as ``chatft train`` will (filling the cache its runs reuse) and check that the
+    held-out samples are exactly the records with index % 10 == 9 and that no record is
+    dropped. Raises AssertionError otherwise."""
+    from chatft.config import load_config
+    from chatft.data.labels import trained_count
+    from chatft.data.steps import prepare_data, tokenizer_for
+
+    cfg = load_config(None, overrides)
+    data = prepare_data(cfg, tokenizer_for(cfg))
+    assert data.eval is not None, "chatft held nothing out with --eval_ratio 0.1"
+    summary = data.train.summary
+    n = summary.records
+    expected = [i for i in range(n) if i % 10 == 9]
+    held = [int(i) for i in data.eval.record_index]
+    trained = [int(i) for i in data.train.record_index]
+    assert summary.kept == n, f"chatft kept {summary.kept} of {n} records"
+    assert held == expected, f"held-out records {held[:8]}... are not index % 10 == 9"
+    assert sorted(trained + held) == list(range(n)), "train and held-out do not partition the data"
+    return {"records": n, "train_samples": len(trained), "held_out_samples": len(held),
+            "rule": "record index % 10 == 9", "verified": True, "first_held_out": held[:5],
+            "held_out_tokens": int(data.eval.lengths.sum()),
+            "held_out_trained_tokens": sum(trained_count(data.eval.sample(i)[1])
+                                           for i in range(len(data.eval))),
+            "train_tokens_per_epoch": int(data.train.lengths.sum())}
+
+
+# --------------------------------------------------------------------------- running
+
+
+def child_env(device: str) -> dict[str, str]:
+    """Environment of the ``chatft train`` subprocesses: this very chatft first on the path;
+    no GPU visible when the benchmark runs on the CPU."""
+    import chatft
+
+    env = dict(os.environ)
+    src = str(Path(chatft.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def ask(model_dir: Path, device: str) -> list[dict[str, Any]]:
+    """Greedy answers of ``model_dir`` to :data:`QUESTIONS`, each with its persona check."""
+    import torch
+
+    from chatft.serve.generate import SamplingParams, load_chat_model, reply
+
+    cm = load_chat_model(model_dir, device=device)
+    out = []
+    for q in QUESTIONS:
+        r = reply(cm, [{"role": "user", "content": q}],
+                  SamplingParams(max_new_tokens=MAX_NEW_TOKENS), system=SYSTEM_PROMPT)
+        out.append({"question": q, "answer": r.text, "finish_reason": r.finish_reason,
+                    "completion_tokens": r.completion_tokens,
+                    "persona": asdict(persona_check(r.text))})
+    del cm
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the next variant's training gets the whole GPU
+    return out
+
+
+def run_variant(variant: Variant, overrides: list[str], output_dir: Path, env: dict[str, str],
+                device: str) -> dict[str, Any]:
+    """Train one variant in a ``chatft train`` subprocess, then read its metrics and ask its
+    exported model the questions."""
+    cmd = [sys.executable, "-m", "chatft", "train", *overrides]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.jsonl").unlink(missing_ok=True)  # a re-run must not read old records
+    log_path = output_dir / "bench_train.log"
+    print(f"quality: training {variant.name} (batch {variant.global_batch}, lr "
+          f"{variant.learning_rate:g}); log: {log_path}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as log:
+        code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if code != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
+        raise RuntimeError(f"chatft train ({variant.name}) exited {code}:\n" + "\n".join(tail))
+    m = read_metrics(output_dir / "metrics.jsonl")
+    answers = ask(output_dir / "final", device)
+    return {
+        "variant": variant.name, "global_batch": variant.global_batch,
+        "learning_rate": variant.learning_rate, "lr_scheduler_type": variant.lr_scheduler_type,
+        "warmup_ratio": variant.warmup_ratio, "why": variant.why,
+        "command": "python -m chatft train " + shlex.join(overrides),
+        "steps": m.steps, "eval_loss_before": m.eval_loss_before,
+        "eval_loss_after": m.eval_loss_after, "evals": m.evals,
+        "final_train_loss": m.final_train_loss, "tokens": m.tokens,
+        "train_s": round(m.train_s, 2), "wall_s": round(wall, 2),
+        "tokens_per_s": round(m.tokens_per_s, 1) if m.tokens_per_s else None,
+        "mean_step_s": round(m.train_s / m.steps, 4) if m.steps else None,
+        "loss_curve": m.loss_curve, "answers": answers,
+        "in_character": sum(a["persona"]["in_character"] for a in answers),
+        "output_dir": str(output_dir),
+    }
+
+
+def acceptance_checks(variants: list[dict[str, Any]], is_acceptance_setup: bool) -> dict[str, Any]:
+    """The two acceptance questions, answered from the numbers (only for the full setup:
+    3 epochs on all records; a smoke run says so instead of pretending)."""
+    if not is_acceptance_setup:
+        return {"applicable": False,
+                "note": "smoke run (record limit or epochs other than 3): the comparisons with "
+                        "the reference numbers are not meaningful"}
+    by = {v["variant"]: v for v in variants}
+    ref = REFERENCE["plain_pytorch_loop"]
+    out: dict[str, Any] = {"applicable": True}
+    for name in ("recommended", "reference_hp"):
+        if name in by and by[name]["eval_loss_after"] is not None:
+            after = by[name]["eval_loss_after"]
+            out[f"{name}_vs_plain_loop"] = {
+                "held_out_after": round(after, 4), "plain_loop_after": ref["held_out_loss_after"],
+                "at_least_as_good": after <= ref["held_out_loss_after"],
+                "persona_heuristic_in_character": f"{by[name]['in_character']}/{len(QUESTIONS)}"}
+    if "recommended" in by and "tutorial_hp" in by:
+        rec, tut = by["recommended"]["eval_loss_after"], by["tutorial_hp"]["eval_loss_after"]
+        if rec is not None and tut is not None:
+            out["recommended_vs_tutorial_hp"] = {
+                "recommended_after": round(rec, 4), "tutorial_hp_after": round(tut, 4),
+                "difference": round(rec - tut, 4), "no_worse": rec <= tut}
+    return out
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "deepspeed", "chatft", "liger-kernel"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def hardware(device: str) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    hw: dict[str, Any] = {"cpu": cpu, "cpu_cores": os.cpu_count(),
+                          "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    if device == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(0)
+        hw["gpu_count_visible"] = torch.cuda.device_count()
+    return hw
+
+
+def run_benchmark(opts: QualityOptions) -> dict[str, Any]:
+    """Check the split, train every variant, ask every model; returns the result record."""
+    from chatft.errors import ChatftError
+
+    unknown = [v for v in opts.variants if v not in VARIANTS]
+    if not opts.variants:
+        raise ChatftError(f"no variants given; known: {', '.join(VARIANTS)}")
+    if unknown:
+        raise ChatftError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    device = resolve_device(opts.device)
+    precision = "bf16" if device == "cuda" else "fp32"
+    hw = hardware(device)
+    data_src = Path(opts.data) if opts.data else default_data_path()
+    if not data_src.is_file():
+        raise ChatftError(f"data file not found: {data_src} (pass --data or set CHATFT_SHARED)")
+    runs = Path(opts.runs_dir)
+    data = limited_data(data_src, opts.limit, runs)
+    model = base_model_folder(opts.model)
+    env = child_env(device)
+
+    def overrides(v: Variant) -> list[str]:
+        return train_overrides(v, model=model, data=data, epochs=opts.epochs, precision=precision,
+                               output_dir=runs / v.name, seed=opts.seed)
+
+    split = held_out_split(overrides(VARIANTS[opts.variants[0]]))
+    print(f"quality: {split['train_samples']} training samples, {split['held_out_samples']} "
+          f"held out (index % 10 == 9, checked)", file=sys.stderr, flush=True)
+    base_answers = ask(model, device)
+    results = [run_variant(VARIANTS[name], overrides(VARIANTS[name]), runs / name, env, device)
+               for name in opts.variants]
+    full = opts.limit is None and opts.epochs == ACCEPTANCE_EPOCHS
+    return {
+        "benchmark": "quality",
+        "command": opts.command,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {
+            "model": opts.model, "model_folder": str(model), "data": str(data_src),
+            "records_limit": opts.limit, "epochs": opts.epochs, "eval_ratio": EVAL_RATIO,
+            "system_prompt": SYSTEM_PROMPT, "questions": list(QUESTIONS), "device": device,
+            "precision": precision, "packing": True, "seed": opts.seed,
+            "optimizer": "AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0, grad-norm clip 1.0 "
+                         "(chatft defaults, same for every variant)",
+            "generation": f"greedy, at most {MAX_NEW_TOKENS} new tokens, exported model "
+                          "(bf16 weights) loaded with chatft.serve.generate.load_chat_model",
+            "persona_heuristic": {"markers": list(PERSONA_MARKERS),
+                                  "assistant_markers": list(ASSISTANT_MARKERS),
+                                  "min_cjk_share": MIN_CJK_SHARE},
+        },
+        "held_out": split,
+        "versions": versions(), "hardware": hw,
+        "base_model_answers": base_answers,
+        "variants": results,
+        "reference": REFERENCE,
+        "checks": acceptance_checks(results, full),
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The table (one row per variant), then every answer with its persona check."""
+    lines = [(f"{'variant':<13} {'batch':>5} {'lr':>7} {'schedule':<11} {'steps':>5} "
+              f"{'held-out before':>15} {'after':>7} {'train min':>9} {'wall min':>8} "
+              f"{'tokens/s':>9} {'persona':>7}")]
+    for v in result["variants"]:
+        warmup = f"+{v['warmup_ratio']:.0%}w" if v["warmup_ratio"] else ""
+        sched = v["lr_scheduler_type"] + warmup
+        lines.append(
+            f"{v['variant']:<13} {v['global_batch']:>5} {v['learning_rate']:>7.0e} {sched:<11} "
+            f"{v['steps']:>5} {_fmt(v['eval_loss_before'], '.4f'):>15} "
+            f"{_fmt(v['eval_loss_after'], '.4f'):>7} {v['train_s'] / 60:>9.2f} "
+            f"{v['wall_s'] / 60:>8.2f} {_fmt(v['tokens_per_s'], ',.0f'):>9} "
+            f"{v['in_character']:>5}/{len(QUESTIONS)}")
+    ref = result["reference"]["plain_pytorch_loop"]
+    lines.append(f"{'(plain loop)':<13} {ref['global_batch']:>5} {ref['learning_rate']:>7.0e} "
+                 f"{'':<11} {'':>5} {ref['held_out_loss_before']:>15.3f} "
+                 f"{ref['held_out_loss_after']:>7.3f}   reference, measured earlier")
+    lines.append("")
+    blocks = [("base model (before fine-tuning)", result["base_model_answers"])] + \
+        [(v["variant"], v["answers"]) for v in result["variants"]]
+    lines.append(f"system prompt: {result['settings']['system_prompt']}")
+    for title, answers in blocks:
+        lines.append(f"== {title}")
+        for a in answers:
+            p = a["persona"]
+            why = (f"markers {','.join(p['persona_markers']) or 'none'}; "
+                   f"assistant {','.join(p['assistant_markers']) or 'none'}; "
+                   f"CJK {p['cjk_share']:.0%}")
+            lines.append(f"  {a['question']}")
+            lines.append(f"  > {a['answer']}")
+            verdict = "in character" if p["in_character"] else "NOT in character"
+            lines.append(f"    [{verdict} (heuristic: {why}); {a['completion_tokens']} tokens, "
+                         f"{a['finish_reason']}]")
+    checks = result["checks"]
+    lines.append("")
+    if not checks.get("applicable"):
+        lines.append(f"checks: {checks['note']}")
+    else:
+        for key, value in checks.items():
+            if key != "applicable":
+                lines.append(f"check {key}: {json.dumps(value, ensure_ascii=False)}")
+    return "\n".join(lines)
+
+
+def write_result(result: dict[str, Any], out_dir: Path, label: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"quality_smollm2_{label}.json"
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line driver (``bench/quality_smollm2.py``)."""
+    import argparse
+
+    results_dir = Path(__file__).resolve().parents[3] / "bench" / "results"
+    ap = argparse.ArgumentParser(
+        description="Held-out loss and persona answers of chatft fine-tunes of "
+                    "SmolLM2-135M-Instruct on huanhuan, per hyperparameter variant.")
+    ap.add_argument("--model-path", "--model", dest="model", default="smollm2-135m-instruct",
+                    help="base model: the embedded alias (default), a .gguf file or a HF folder")
+    ap.add_argument("--data", default="", help="huanhuan.json (default: $CHATFT_SHARED/data/"
+                                               "huanhuan.json, else ../shared/data/huanhuan.json)")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    ap.add_argument("--epochs", type=float, default=ACCEPTANCE_EPOCHS)
+    ap.add_argument("--limit", type=int, help="use only the first N records (smoke runs)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--label",
+                    help="result file: quality_smollm2_<label>.json (default: the device)")
+    ap.add_argument("--out", type=Path, default=results_dir,
+                    help="folder for the result file (default: bench/results)")
+    ap.add_argument("--runs-dir", type=Path,
+                    help="training output folders (default: <out>/quality_runs_<label>, or "
+                         "runs/quality_<label> when --out is bench/results)")
+    ap.add_argument("--seed", type=int, default=42)
+    args = ap.parse_args(argv)
+    if args.limit is not None and args.limit < 10:
+        ap.error("--limit must be at least 10 (records 9, 19, ... are the held-out set)")
+
+    device = resolve_device(args.device)
+    label = args.label or device
+    if args.runs_dir is None:
+        in_repo = args.out.resolve() == results_dir
+        args.runs_dir = (results_dir.parents[1] / "runs" / f"quality_{label}" if in_repo
+                         else args.out / f"quality_runs_{label}")
+    opts = QualityOptions(model=args.model, data=args.data,
+                          variants=tuple(v for v in args.variants.split(",") if v),
+                          epochs=args.epochs, limit=args.limit, device=device,
+                          runs_dir=args.runs_dir, seed=args.seed,
+                          command="python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]))
+    result = run_benchmark(opts)
+    result["label"] = label
+    print(format_report(result))
+    path = write_result(result, args.out, label)
+    print(f"wrote {path}", file=sys.stderr)
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
