@@ -105,6 +105,14 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return run(load_config(config, overrides))
 
 
+def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
+    from chatft.train.plan import plan_command
+
+    config, overrides = _leading_config(rest)
+    return plan_command(load_config(config, overrides), gpus=args.gpus, gpu_mem=args.gpu_mem,
+                        cpu_mem=args.cpu_mem, tokens=args.tokens, as_json=args.json)
+
+
 def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     from chatft.export.hf import export_checkpoint
 
@@ -139,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "field (see `chatft --help`), e.g. --learning_rate 2e-5 "
                                    "--nproc 4.")
     t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plan", help="predict GPU and host memory per strategy; recommend one",
+                        usage="chatft plan [CONFIG.yaml] [--gpus N] [--gpu-mem 24GiB] "
+                              "[--cpu-mem 64GiB] [--tokens T] [--json] [--key value ...]",
+                        description="Predict peak GPU memory (per GPU) and host memory for "
+                                    "every training strategy (plain, ZeRO-1/2/3, CPU offload, "
+                                    "activation recomputation) of this config, say which fit, "
+                                    "and recommend the fastest that does. Needs only the "
+                                    "model's config.json, no weights. `chatft train --plan "
+                                    "auto` applies the recommendation.")
+    pl.add_argument("--gpus", type=int, help="GPUs (processes) to plan for (default: the "
+                                             "config's nproc x num_nodes)")
+    pl.add_argument("--gpu-mem", help="memory per GPU, e.g. 24GiB (default: this machine's "
+                                      "GPU, or 80GiB without one)")
+    pl.add_argument("--cpu-mem", help="host memory, e.g. 128GiB (default: this machine's RAM, "
+                                      "or 64GiB without a GPU)")
+    pl.add_argument("--tokens", type=int, help="tokens of the largest micro-batch per GPU "
+                                               "(default: from the data, else the config's bound)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
 
     e = sub.add_parser("export", help="checkpoint -> Hugging Face model folder",
                        description="Consolidate a DeepSpeed (ZeRO 0-3) or single-process "

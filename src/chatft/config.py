@@ -58,6 +58,10 @@ class ModelArgs:
     """Recompute activations in the backward pass to save memory; auto lets the memory
     planner decide."""
 
+    checkpoint_layers: int = -1
+    """With gradient_checkpointing on: how many decoder layers recompute (the first k);
+    -1 = all. Fewer layers recompute less and use more memory (see `chatft plan`)."""
+
 
 @dataclass
 class DataArgs:
@@ -286,6 +290,8 @@ class Config:
                 p.append(f"{name} must be in [0, 1) (got {value})")
         if not 0 <= d.eval_ratio < 1:
             p.append(f"data.eval_ratio must be in [0, 1) (got {d.eval_ratio})")
+        if self.model.checkpoint_layers < -1:
+            p.append(f"model.checkpoint_layers must be -1 (all) or >= 0 (got {self.model.checkpoint_layers})")
         if t.save_total_limit < 1:
             p.append(f"train.save_total_limit must be >= 1 (got {t.save_total_limit})")
         if ds.zero_stage not in (0, 1, 2, 3):

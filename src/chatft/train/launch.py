@@ -17,17 +17,19 @@ import sys
 from pathlib import Path
 
 from chatft.config import Config
-from chatft.data.steps import prepare_data, print_summary
+from chatft.data.steps import PreparedData, prepare_data, print_summary
 from chatft.model.loading import load_tokenizer, resolve_model
+from chatft.train.plan import auto_plan
 
 CONFIG_FILE = "chatft_config.json"
 
 
-def prepare(cfg: Config) -> None:
+def prepare(cfg: Config) -> PreparedData:
     source = resolve_model(cfg.model.name_or_path)
     tokenizer = load_tokenizer(source, cfg.model.tokenizer)
     data = prepare_data(cfg, tokenizer)
     print_summary(data, out=sys.stderr)
+    return data
 
 
 def launcher_command(cfg: Config, config_json: Path) -> list[str]:
@@ -49,7 +51,10 @@ def launcher_command(cfg: Config, config_json: Path) -> list[str]:
 
 def run(cfg: Config) -> int:
     """Prepare, then train (in-process for one local process); returns the exit code."""
-    prepare(cfg)
+    data = prepare(cfg)
+    # --plan auto / --gradient_checkpointing auto: the memory planner sets the strategy here,
+    # before the config is handed to the workers.
+    auto_plan(cfg, data.train.lengths)
     if cfg.world_size == 1 and not cfg.launch.hostfile:
         from chatft.train.loop import train
 

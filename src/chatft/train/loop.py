@@ -36,6 +36,7 @@ from chatft.train.batching import (StepPlan, eval_plans, pack, pad, plan_step, s
 from chatft.train.engine import (DTYPES, DeepSpeedEngine, Engine, TorchEngine, resolve_precision,
                                  training_device)
 from chatft.train.metrics import CURVE_FILE, MetricsLog, plot_loss_curve
+from chatft.train.plan import explain_out_of_memory
 from chatft.train.schedule import lr_at, warmup_steps_for
 
 log = logging.getLogger("chatft")
@@ -187,7 +188,8 @@ def train(cfg: Config) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = 64 if device.type == "cuda" else 1  # fewer distinct shapes for GPU kernels
 
-    engine = make_engine(cfg, source, precision, device, total_steps, warmup)
+    with explain_out_of_memory(cfg, train_data.lengths):  # out of GPU memory: say what fits
+        engine = make_engine(cfg, source, precision, device, total_steps, warmup)
     out = Path(t.output_dir)
     start_step, resumed_from = 0, None
     if t.resume:
@@ -221,12 +223,14 @@ def train(cfg: Config) -> TrainResult:
                          rank=rank, accumulation=t.gradient_accumulation_steps,
                          micro_batch_tokens=t.micro_batch_tokens)
         step_start = time.perf_counter()
-        local = run_step(engine, train_data, plan, cfg, pad_id, multiple)
+        with explain_out_of_memory(cfg, train_data.lengths):
+            local = run_step(engine, train_data, plan, cfg, pad_id, multiple)
         lr = lr_at(step, peak=t.learning_rate, total_steps=total_steps, warmup=warmup,
                    kind=t.lr_scheduler_type)
         if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
             lr = engine.current_lr()
-        grad_norm = engine.step(lr)
+        with explain_out_of_memory(cfg, train_data.lengths):
+            grad_norm = engine.step(lr)
         step_loss = float(engine.all_reduce_sum(local)) / plan.trained_tokens
         elapsed = time.perf_counter() - step_start
         tokens_done += plan.tokens

@@ -1,0 +1,531 @@
+"""The memory planner: parameter counts, byte-exact model states and activations by hand,
+activations checked against what autograd really saves, partial recomputation, the 7B
+small-memory modes, the recommendation, ``--plan auto``, the out-of-memory advice, the
+calibration fit, and ``chatft plan`` as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chatft.config import load_config
+from chatft.errors import ChatftError
+from chatft.train.plan import (GIB, Calibration, DeepSpeedSizes, Job, Measurement, ModelShape,
+                               Strategy, activation_peak_bytes, apply_plan, estimate,
+                               explain_out_of_memory, fewest_checkpoint_layers, fit_calibration,
+                               format_plan, layer_activation_bytes, make_plan,
+                               out_of_memory_message, parse_size, plan_to_json, token_budget)
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Qwen2-7B's config.json shape (untied embeddings, q/k/v biases).
+QWEN2_7B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
+                intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6)
+SEVEN_B = ModelShape.from_config(QWEN2_7B)
+
+#: A Qwen2 small enough to count by hand: h 8, i 16, 2 layers, 2 heads of 4, 1 kv head, V 32.
+#: Per layer: q 8*8+8, k 8*4+4, v 8*4+4, o 8*8, MLP 3*8*16, norms 2*8 = 608.
+#: Model: 2*608 + embedding 32*8 + lm_head 32*8 + final norm 8 = 1736.
+TINY = ModelShape(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                  vocab_size=32, qkv_bias=True, model_type="qwen2")
+TINY_P = 1736
+SMALL_DS = DeepSpeedSizes(reduce_bucket_size=1000, prefetch_bucket_size=100,
+                          max_live_parameters=10_000, sub_group_size=10_000)
+
+
+def test_parameter_counts_by_hand():
+    assert TINY.n_params == TINY_P
+    assert TINY.layer_params == 608
+    assert SEVEN_B.n_params == 7_615_616_512
+    assert SEVEN_B.largest_param == 152064 * 3584  # embedding and lm_head
+    # MasterWeightAdamW's chunks: the 2-D tensors of the tiny model never reach 2^28 elements,
+    # so the one chunk is all of them: embedding 256 + 2 x 576 + lm_head 256.
+    assert TINY.master_chunk_numel() == 1664
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def test_parameter_inventory_matches_transformers(kind):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=40)
+    config = {"qwen2": lambda: Qwen2Config(**common),
+              "llama": lambda: LlamaConfig(**common, attention_bias=True, mlp_bias=True,
+                                           tie_word_embeddings=True),
+              "qwen3": lambda: Qwen3Config(**common, head_dim=8, tie_word_embeddings=False)}[kind]()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    got = [(name, p.numel()) for name, p in model.named_parameters()]
+    assert got == [(name, n) for name, n, _ in ModelShape.from_config(config).parameters()]
+    # the dict form (config.json) reads the same
+    assert ModelShape.from_config(config.to_dict()) == ModelShape.from_config(config)
+
+
+def test_model_states_exact_bytes_per_strategy():
+    P = TINY_P
+    job = Job(TINY, tokens=64, gpus=1, deepspeed=SMALL_DS, export=False, pretrained=False)
+    plain = estimate(job, Strategy("torch"))
+    parts = plain.gpu_parts
+    assert {k: parts[k] for k in ("bf16 weights", "bf16 grads", "fp32 masters", "Adam moments")} == \
+        {"bf16 weights": 2 * P, "bf16 grads": 2 * P, "fp32 masters": 4 * P, "Adam moments": 8 * P}
+    assert plain.gpu_phase.startswith("forward/backward")
+    # with one token the optimizer step is the peak: + one chunk of fp32 gradients (4 x 1664 B)
+    one = estimate(replace(job, tokens=1), Strategy("torch"))
+    assert one.gpu_phase == "optimizer step" and one.gpu_parts["fp32 grad chunk"] == 4 * 1664
+    assert one.gpu_bytes == 16 * P + 4 * 1664 + GIB  # + the fixed 1 GiB (CUDA context etc.)
+
+    # ZeRO-2 on 2 GPUs: whole bf16 weights, everything else halved, two reduce buckets.
+    z2 = estimate(replace(job, gpus=2), Strategy("deepspeed", 2))
+    assert {k: v for k, v in z2.gpu_parts.items() if k not in ("activations", "CUDA context etc.")} == \
+        {"weights": 2 * P, "grad partition": P, "fp32 masters": 2 * P, "Adam moments": 4 * P,
+         "reduce buckets": 2 * 2 * 1000}
+
+    # ZeRO-3 with everything offloaded, 1 GPU: the GPU keeps a reduce bucket, the gathered
+    # parameters (all 1736 < max live) and one module's full gradient (the 32x8 embedding);
+    # the host keeps 20 bytes per parameter, 8 of them pinned.
+    z3 = estimate(job, Strategy("deepspeed", 3, True, True))
+    assert {k: v for k, v in z3.gpu_parts.items() if k not in ("activations", "CUDA context etc.")} == \
+        {"weight partition": 0, "reduce bucket": 2000, "gathered params": 2 * P, "module grads": 2 * 256}
+    assert z3.host_parts["offloaded states"] == 20 * P
+    assert z3.host_pinned_bytes == 8 * P
+    # ZeRO-2 + offload: masters 4 + bf16 copy 2 + fp32 grads 4 (pinned) + Adam 8 + 2E staging
+    z2o = estimate(job, Strategy("deepspeed", 2, offload_optimizer=True))
+    assert z2o.host_parts["offloaded states"] == 18 * P + 2 * 256
+    assert z2o.host_pinned_bytes == 10 * P + 2 * 256
+
+    # Host phases with a pretrained load and the export (3 GiB per process baseline): loading
+    # holds the bf16 model (2P); the export copies bf16 weights (2P) while the engine's
+    # offloaded states live, then builds the folder's model from them (another 2P).
+    full = replace(job, pretrained=True, export=True)
+    e = estimate(full, Strategy("torch"))
+    assert (e.host_phase, e.host_bytes) == ("export write", 3 * GIB + 4 * P)
+    e = estimate(full, Strategy("deepspeed", 3, True, True))
+    assert (e.host_phase, e.host_bytes) == ("export", 3 * GIB + 22 * P)
+    assert estimate(replace(full, export=False), Strategy("torch")).host_bytes == 3 * GIB + 2 * P
+
+
+def test_activations_by_hand():
+    # Per token and layer (b = 2, SDPA, PyTorch kernels, T = 64):
+    #   2 RMSNorms x (fp32 copy 4*8 + normalized 2*8 + output 2*8 + rstd 4) = 136
+    #   q, k, v repeated to 2 heads: 3 x 2*8 = 48; attention output 16; logsumexp 4*2 = 8
+    #   MLP 4 x 2*16 = 128; SDPA's mask in bf16: 2*64 = 128        -> 464 bytes
+    job = Job(TINY, tokens=64)
+    assert layer_activation_bytes(job) == 64 * 464
+    # Flex attention keeps k and v at 1 head and has no mask: 464 - 2*2*(8-4) - 128 = 320
+    assert layer_activation_bytes(replace(job, attention="flex_attention")) == 64 * 320
+    # Liger: norms save input + output + rstd (2*(16+16+4) = 72), MLP 3 x 32: 464 - 64 - 32
+    assert layer_activation_bytes(replace(job, fused_kernels=True)) == 64 * 368
+    # Peak: layers + final norm and gathered hidden (64 x (68 + 16)) + the boolean mask 64^2
+    # + the larger of the loss (12 x 64 rows x 32 vocab) and one layer's backward workspace
+    # (64 x 2 x (3*16 + 2*8)).
+    layers, head, mask, loss, work = 2 * 64 * 464, 64 * 84, 64 * 64, 12 * 64 * 32, 64 * 2 * 64
+    assert activation_peak_bytes(job, 0, True) == (layers + head + mask + max(loss, work), "backward start")
+    one = 64 * 2 * 8  # a recomputed layer keeps its input
+    assert activation_peak_bytes(job, 1, True) == (64 * 464 + one + head + mask + loss, "backward start")
+    # all recomputed: the peak moves to rematerializing a layer (after the loss is freed)
+    assert activation_peak_bytes(job, 2, True) == (2 * one + mask + 64 * 464 + work, "recompute")
+
+
+def _saved_bytes_per_layer(attn: str, checkpointing: bool, T: int = 96) -> tuple[int, ModelShape]:
+    """Bytes autograd saves for layer 1 of a 3-layer bf16 Qwen2 on a packed row of two samples,
+    counting only storages that are neither parameters nor shared with other layers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current: list = [None]
+    saved: dict = {}
+    for n, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda *_, n=n: current.__setitem__(0, n))
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved.setdefault(current[0], {})[s.data_ptr()] = s.nbytes()
+        return t
+
+    ids = torch.randint(0, 128, (1, T))
+    positions = torch.cat([torch.arange(T // 3), torch.arange(T - T // 3)])[None]  # two samples
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=ids, position_ids=positions, use_cache=False)
+    shared = set(saved.get(0, {})) | set(saved.get(2, {}))
+    return sum(v for k, v in saved[1].items() if k not in shared), ModelShape.from_config(config)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_activation_formula_matches_what_autograd_saves(attn):
+    measured, shape = _saved_bytes_per_layer(attn, checkpointing=False)
+    assert measured == layer_activation_bytes(Job(shape, tokens=96, attention=attn))
+    measured, shape = _saved_bytes_per_layer(attn, checkpointing=True)
+    assert measured == 96 * 2 * shape.hidden_size  # a checkpointed layer keeps only its input
+
+
+def _tiny_qwen2(layers: int = 3):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                         attention_dropout=0.0)
+    return Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def test_partial_recomputation_keeps_losses_and_gradients_and_saves_memory():
+    from chatft.model.build import limit_checkpointed_layers
+
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+    results, saved = {}, {}
+    for k in (0, 1, 2, 3):
+        model = _tiny_qwen2()
+        model.train()
+        if k:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert limit_checkpointed_layers(model, k if k < 3 else -1) == k
+            assert [layer.gradient_checkpointing for layer in model.model.layers] == [n < k for n in range(3)]
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results[k] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        saved[k] = total[0]
+    for k in (1, 2, 3):
+        torch.testing.assert_close(results[k][0], results[0][0], rtol=0, atol=0)
+        for name, grad in results[0][1].items():
+            torch.testing.assert_close(results[k][1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert saved[0] > saved[1] > saved[2] > saved[3]
+
+
+def test_build_model_applies_checkpoint_layers(tmp_path):
+    from chatft.config import ModelArgs
+    from chatft.model.build import build_model
+    from chatft.model.loading import ModelSource
+
+    _tiny_qwen2().config.save_pretrained(tmp_path)
+    model = build_model(ModelArgs(name_or_path=str(tmp_path), random_init=True, checkpoint_layers=2),
+                        ModelSource("hf", tmp_path), dtype=torch.float32, device=torch.device("cpu"),
+                        seed=0, gradient_checkpointing=True)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, True, False]
+
+
+def test_reference_7b_measurement_is_reproduced():
+    """1 H200, random-init Qwen2-7B, one packed micro-batch of 8,192 tokens, forward+backward
+    without optimizer, bf16: 93-97 GiB (flex / SDPA), 44 GiB with full recomputation. The
+    figures fit the model when that run's loss built whole logits (see the module docstring)."""
+    job = Job(SEVEN_B, tokens=8192, optimizer=False, loss="full", export=False)
+    for attention, k, measured in (("sdpa", 0, 97), ("flex_attention", 0, 93), ("sdpa", 28, 44),
+                                   ("flex_attention", 28, 44)):
+        predicted = estimate(replace(job, attention=attention), Strategy("torch", checkpoint_layers=k)).gpu_gib
+        assert abs(predicted / measured - 1) < 0.05, (attention, k, predicted)
+    # the weights alone: 14.2 GiB in bf16
+    assert estimate(job, Strategy("torch")).gpu_parts["bf16 weights"] / GIB == pytest.approx(14.18, abs=0.01)
+
+
+def test_seven_b_on_a_24_gib_gpu():
+    budget = 24 * GIB
+    job = Job(SEVEN_B, tokens=4096, gpus=1)
+    full_offload = Strategy("deepspeed", 3, offload_optimizer=True, offload_param=True)
+    k = fewest_checkpoint_layers(job, full_offload, budget)
+    assert k is not None and 0 < k <= 28
+    fit = estimate(job, replace(full_offload, checkpoint_layers=k))
+    assert fit.gpu_bytes <= 0.95 * budget
+    # plain bf16 holds 16 bytes per parameter on the GPU: never fits, recomputing or not
+    assert fewest_checkpoint_layers(job, Strategy("torch"), budget) is None
+    assert estimate(job, Strategy("torch", checkpoint_layers=28)).gpu_gib > 113
+    # Host: DeepSpeed keeps 20 bytes per parameter of this mode on the host (bf16 parameters 2,
+    # fp32 masters 4, Adam 8, fp32 gradients 4, bf16 gradient buffer 2): 141.8 GiB for 7.6B,
+    # so the mode needs ~160 GiB of host memory with the export at the end, not 128 GiB.
+    assert fit.host_parts["offloaded states"] == 20 * SEVEN_B.n_params
+    assert 150 < fit.host_gib < 165 and fit.host_phase == "export"
+    plan = make_plan(job, budget, 128 * GIB)
+    row = plan.row(replace(full_offload, checkpoint_layers=k))
+    assert row is not None and row.fits_gpu and not row.fits_host
+    assert plan.recommended is None  # nothing fits 24 GiB + 128 GiB; the table says why
+    assert "nothing fits" in format_plan(plan).splitlines()[-1]
+    # with a larger host, an offloading strategy is the one that fits a 24 GiB GPU
+    roomy = make_plan(job, budget, 192 * GIB).recommended
+    assert roomy is not None and roomy.strategy.offload_optimizer
+
+
+def _host_bytes_per_param_in_deepspeed() -> float:
+    script = textwrap.dedent('''
+        import gc, json, os, torch
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0)); os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        import deepspeed
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+        deepspeed.init_distributed(verbose=False)
+        zero = {"stage": 3, "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 1000,
+                "stage3_max_live_parameters": 1000,
+                "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                "offload_param": {"device": "cpu", "pin_memory": True}}
+        ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_optimization": zero, "bf16": {"enabled": True},
+              "zero_allow_untested_optimizer": True}
+        keep = HfDeepSpeedConfig(ds)
+        cfg = Qwen2Config(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+        P = sum(p.ds_numel for p in model.parameters())
+        engine, *_ = deepspeed.initialize(model=model, config=ds,
+                                          optimizer=DeepSpeedCPUAdam(model.parameters(), lr=1e-3))
+        ids = torch.randint(0, 512, (1, 16))
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        gc.collect()
+        storages = {}
+        for o in gc.get_objects():
+            if isinstance(o, torch.Tensor):
+                s = o.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+        print(json.dumps({"bytes_per_param": sum(storages.values()) / P}))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["bytes_per_param"]
+
+
+@pytest.mark.slow
+def test_deepspeed_really_keeps_20_bytes_per_parameter_with_full_offload():
+    """On the CPU everything DeepSpeed allocates is host memory; after a step of ZeRO-3 with
+    optimizer and parameter offload it holds what the planner says the host holds (tiny buckets,
+    no gathered parameters left), plus the 1-element placeholders of partitioned parameters."""
+    per_param = _host_bytes_per_param_in_deepspeed()
+    shape = ModelShape(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4,
+                       num_kv_heads=2, vocab_size=512, qkv_bias=True, model_type="qwen2")
+    job = Job(shape, tokens=16, pretrained=False, export=False)
+    planned = estimate(job, Strategy("deepspeed", 3, True, True)).host_parts["offloaded states"]
+    assert planned == 20 * shape.n_params
+    assert per_param == pytest.approx(20.0, abs=0.05)
+
+
+def test_recommendation_is_the_fastest_that_fits():
+    for gpus, gpu, host in ((1, 141, 128), (4, 141, 512), (1, 24, 192), (2, 80, 256)):
+        plan = make_plan(Job(SEVEN_B, tokens=8192, gpus=gpus), gpu * GIB, host * GIB)
+        fitting = [r for r in plan.rows if r.fits]
+        assert fitting and plan.recommended in fitting
+        assert plan.recommended.relative_speed == max(r.relative_speed for r in fitting)
+        assert max(r.relative_speed for r in plan.rows) == pytest.approx(1.0)
+        for r in plan.rows:
+            assert r.fits_gpu == (r.estimate.gpu_bytes <= 0.95 * gpu * GIB)
+        if gpus > 1:
+            assert all(r.strategy.backend == "deepspeed" for r in plan.rows)
+    # one H200: plain PyTorch with recomputation of some layers beats offloading
+    plan = make_plan(Job(SEVEN_B, tokens=8192), 141 * GIB, 128 * GIB)
+    rec = plan.recommended.strategy
+    assert rec.backend == "torch" and 0 < rec.checkpoint_layers < 28
+    # more recomputation, fewer GiB and less speed; offload is the slowest
+    none, some = plan.row(Strategy("torch")), plan.row(rec)
+    assert none.estimate.gpu_bytes > some.estimate.gpu_bytes and none.relative_speed > some.relative_speed
+    offload = [r for r in plan.rows if r.strategy.offload_optimizer]
+    assert max(r.relative_speed for r in offload) < min(r.relative_speed for r in plan.rows
+                                                         if not r.strategy.offload_optimizer)
+
+
+def test_format_and_json():
+    plan = make_plan(Job(SEVEN_B, tokens=8192), 141 * GIB, 128 * GIB)
+    text = format_plan(plan)
+    lines = text.splitlines()
+    assert lines[-1].startswith("recommended: plain, recompute ")
+    assert "--gradient_checkpointing on --checkpoint_layers" in lines[-1]
+    header = next(i for i, line in enumerate(lines) if line.startswith("strategy"))
+    rows = lines[header + 1:header + 1 + len(plan.rows)]
+    end = lines[header].index("GPU GiB") + len("GPU GiB")
+    for row, r in zip(rows, plan.rows):
+        assert row[:end].endswith(f"{r.estimate.gpu_gib:.1f}")  # right-aligned, one decimal
+    data = json.loads(json.dumps(plan_to_json(plan)))
+    assert data["job"]["model"]["n_params"] == 7_615_616_512
+    assert data["recommended"]["options"] == plan.recommended.strategy.options(28)
+    assert len(data["rows"]) == len(plan.rows)
+
+
+def test_fit_reproduces_synthetic_measurements():
+    truth = Calibration(activation_factor=1.23, gpu_fixed_gib=2.5, host_process_gib=4.25)
+    rows = []
+    for tokens, k, strategy in ((2048, 0, Strategy("torch")), (8192, 0, Strategy("torch")),
+                                (8192, 28, Strategy("torch")),
+                                (4096, 14, Strategy("deepspeed", 3, True, True))):
+        job = Job(SEVEN_B, tokens=tokens)
+        s = replace(strategy, checkpoint_layers=k)
+        e = estimate(job, s, truth)
+        rows.append(Measurement(job, s, e.gpu_gib, e.host_gib))
+    fitted = fit_calibration(rows)
+    assert fitted.activation_factor == pytest.approx(1.23, rel=1e-9)
+    assert fitted.gpu_fixed_gib == pytest.approx(2.5, rel=1e-9)
+    assert fitted.host_process_gib == pytest.approx(4.25, rel=1e-9)
+    # one row: only the factor moves
+    one = fit_calibration(rows[1:2], replace(truth, activation_factor=1.0))
+    assert one.activation_factor == pytest.approx(1.23, rel=1e-9) and one.gpu_fixed_gib == 2.5
+
+
+def test_token_budget_from_config_and_from_data():
+    cfg = load_config(None, ["--per_device_train_batch_size", "4", "--max_length", "1000"])
+    assert token_budget(cfg) == 4032  # 4 x 1000, up to a multiple of 64
+    capped = load_config(None, ["--per_device_train_batch_size", "8", "--max_length", "1000",
+                                "--micro_batch_tokens", "2000"])
+    assert token_budget(capped) == 3008  # cap + one more sample at most
+    # from lengths: the largest bin over the run equals a brute-force replay of the loop's planner
+    from chatft.train.batching import plan_step
+
+    lengths = np.random.default_rng(0).integers(10, 300, size=50)
+    trained = lengths // 2
+    cfg = load_config(None, ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps",
+                             "2", "--nproc", "2", "--num_train_epochs", "2"])
+    worst = 0
+    for step in range(2 * 5):  # 50 samples, global batch 12: 5 steps per epoch
+        for rank in (0, 1):
+            p = plan_step(lengths, trained, global_batch=12, seed=cfg.train.seed, epoch=step // 5,
+                          step_in_epoch=step % 5, world_size=2, rank=rank, accumulation=2)
+            worst = max([worst] + [int(lengths[mb].sum()) for mb in p.micro_batches if mb])
+    assert token_budget(cfg, lengths) == -(-worst // 64) * 64
+
+
+def test_plan_auto_applies_the_recommendation():
+    cfg = load_config(None, ["--plan", "auto", "--max_length", "8192", "--per_device_train_batch_size", "1"])
+    plan, changes = apply_plan(cfg, QWEN2_7B, 8192, 141 * GIB, 128 * GIB)
+    k = plan.recommended.strategy.checkpoint_layers
+    assert (cfg.deepspeed.backend, cfg.deepspeed.zero_stage, cfg.model.gradient_checkpointing,
+            cfg.model.checkpoint_layers) == ("torch", 0, "on", k)
+    assert f"checkpoint_layers -1 -> {k}" in changes
+    # 4 GPUs: ZeRO without recomputation
+    cfg = load_config(None, ["--plan", "auto", "--nproc", "4"])
+    plan, _ = apply_plan(cfg, QWEN2_7B, 8192, 141 * GIB, 512 * GIB)
+    assert cfg.deepspeed.backend == "deepspeed" and cfg.deepspeed.zero_stage in (1, 2)
+    assert cfg.model.gradient_checkpointing == "off"
+    # gradient_checkpointing auto alone keeps the engine and picks the fewest layers
+    cfg = load_config(None, ["--zero_stage", "3", "--gradient_checkpointing", "auto"])
+    plan, _ = apply_plan(cfg, QWEN2_7B, 8192, 141 * GIB, 128 * GIB)
+    assert cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.backend == "deepspeed"
+    assert cfg.model.gradient_checkpointing == "on"
+    assert cfg.model.checkpoint_layers == fewest_checkpoint_layers(plan.job, Strategy("deepspeed", 3), 141 * GIB)
+    # nothing fits: a user error naming the budgets
+    with pytest.raises(ChatftError, match="no strategy that fits"):
+        apply_plan(load_config(None, ["--plan", "auto"]), QWEN2_7B, 8192, 24 * GIB, 64 * GIB)
+
+
+def test_out_of_memory_message_names_what_ran_out_and_what_fits():
+    cfg = load_config(None, ["--max_length", "4096"])
+    text = out_of_memory_message(cfg, "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                                 "a total capacity of 23.55 GiB\nmore detail", device="cuda:0",
+                                 gpus=1, tokens=4096, model_config=QWEN2_7B,
+                                 gpu_budget=24 * GIB, host_budget=256 * GIB)
+    assert text.startswith("out of GPU memory on cuda:0 (CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert "This run: plain, recompute none, 4,096 tokens" in text
+    assert "--offload_optimizer cpu" in text and "--plan auto" in text  # offloading fits 24 GiB
+
+
+def test_explain_out_of_memory_turns_the_error_into_exit_code_2(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_7B))
+    cfg = load_config(None, ["--model", str(tmp_path), "--max_length", "2048",
+                             "--per_device_train_batch_size", "2"])
+    with pytest.raises(ChatftError) as e:
+        with explain_out_of_memory(cfg, lengths=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+    assert e.value.exit_code == 2
+    assert "out of GPU memory" in str(e.value) and "4,096 tokens" in str(e.value)
+    with explain_out_of_memory(cfg):  # nothing raised: nothing happens
+        pass
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * GIB
+    assert parse_size("24G") == 24 * GIB
+    assert parse_size("80GB") == 80 * 10 ** 9
+    assert parse_size("64") == 64 * GIB
+    assert parse_size("512 MiB") == 512 << 20
+    for bad in ("lots", "-3GiB", "12XB"):
+        with pytest.raises(ChatftError):
+            parse_size(bad)
+
+
+def _chatft(*args) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "chatft", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_cli_plan_on_a_tiny_model_folder(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path / "tiny"
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    proc = _chatft("plan", "--model", folder, "--tokens", "512", "--gpu-mem", "24GiB",
+                   "--cpu-mem", "64GiB", "--learning_rate", "1e-5")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    n_params = ModelShape.from_config(config).n_params
+    assert f"{n_params / 1e9:.2f}B params" in lines[0]
+    assert "512 tokens per micro-batch, 1 GPU(s)" in lines[1]
+    assert lines[-1].startswith("recommended: plain, recompute none")
+    # bad options are user errors
+    proc = _chatft("plan", "--model", folder, "--gpu-mem", "plenty")
+    assert proc.returncode == 2 and "plenty" in proc.stderr
+
+
+def test_cli_plan_needs_only_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_7B))
+    proc = _chatft("plan", "--model", tmp_path, "--gpus", "4", "--gpu-mem", "141GiB",
+                   "--cpu-mem", "512GiB", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["job"]["model"]["n_params"] == 7_615_616_512 and data["job"]["gpus"] == 4
+    # no --tokens and no tokenizer to read the data with: the config's bound, 8 x 4096
+    assert data["job"]["tokens"] == 32768 and data["tokens_source"].startswith("the config's bound")
+    assert data["recommended"]["fits"] and data["recommended"]["strategy"]["backend"] == "deepspeed"
+
+
+def test_current_strategy_and_buckets_read_a_users_deepspeed_json(tmp_path):
+    from chatft.train.plan import current_strategy, deepspeed_sizes
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": "auto",
+        "stage3_max_live_parameters": 12345}}))
+    cfg = load_config(None, ["--deepspeed", str(ds_json), "--gradient_checkpointing", "on",
+                             "--checkpoint_layers", "5"])
+    assert current_strategy(cfg, 28) == Strategy("deepspeed", 3, True, False, 5)
+    sizes = deepspeed_sizes(cfg, SEVEN_B)
+    assert sizes.reduce_bucket_size == 3584 * 3584  # "auto" as chatft fills it: hidden^2
+    assert sizes.max_live_parameters == 12345
+    assert sizes.prefetch_bucket_size == DeepSpeedSizes().prefetch_bucket_size
+
+
+def test_train_on_a_machine_without_gpu_keeps_the_config(capsys):
+    from chatft.train.plan import _gpu_memory, auto_plan
+
+    if _gpu_memory() is not None:
+        pytest.skip("this machine has a GPU")
+
+    cfg = load_config(None, ["--plan", "auto", "--gradient_checkpointing", "auto"])
+    auto_plan(cfg, None)
+    assert cfg.deepspeed.zero_stage == 0 and cfg.model.gradient_checkpointing == "off"
+    assert "no GPU" in capsys.readouterr().err
