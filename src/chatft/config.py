@@ -54,6 +54,9 @@ class ModelArgs:
     liger_kernel: Literal["auto", "on", "off"] = "auto"
     """Liger's fused RMSNorm/SwiGLU/RoPE kernels: auto uses them on CUDA when installed."""
 
+    compile: bool = False
+    """torch.compile each decoder layer (dynamic shapes: packed rows vary in length)."""
+
     gradient_checkpointing: Literal["auto", "on", "off"] = "off"
     """Recompute activations in the backward pass to save memory; auto lets the memory
     planner decide."""
@@ -192,8 +195,10 @@ class TrainArgs:
     """With packing, cap on tokens per micro-batch (0: no cap; samples per micro-batch
     follow per_device_train_batch_size)."""
 
-    compile: bool = False
-    """torch.compile the model's decoder layers."""
+    max_gpu_memory: Optional[str] = None
+    """Cap each process's GPU memory, e.g. 24GiB: emulates a smaller GPU (through
+    torch.cuda.set_per_process_memory_fraction) to check a plan before renting one."""
+
 
 
 @dataclass

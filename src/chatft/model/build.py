@@ -83,6 +83,11 @@ def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
         _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
         log.info("liger kernels: fused RMSNorm, SwiGLU and RoPE")
+    if args.compile:
+        # Layer by layer, so graph breaks elsewhere (loss, packing) do not matter, and with
+        # dynamic shapes so each new packed length does not trigger a recompilation.
+        for layer in model.base_model.layers:
+            layer.compile(dynamic=True)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         limit_checkpointed_layers(model, args.checkpoint_layers)

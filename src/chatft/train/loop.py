@@ -171,6 +171,11 @@ def train(cfg: Config) -> TrainResult:
     """Train as ``cfg`` says; resume, checkpoint, evaluate, export. Every process calls this."""
     rank, world = init_distributed(cfg)
     device = training_device()
+    if cfg.train.max_gpu_memory and device.type == "cuda":
+        from chatft.train.plan import parse_size
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(cfg.train.max_gpu_memory) / total), device)
     torch.manual_seed(cfg.train.seed)
     precision, note = resolve_precision(cfg.train.precision, device)
     if note:
