@@ -82,7 +82,7 @@ def test_percentile_nearest_rank():
 
 
 def test_chatft_batch_keeps_global_batch():
-    assert ts.chatft_batch(1, 128, None) == (16, 8)
+    assert ts.chatft_batch(1, 128, None) == (128, 1)
     assert ts.chatft_batch(4, 128, None) == (32, 1)
     assert ts.chatft_batch(2, 128, 2) == (32, 2)
     with pytest.raises(ValueError):
@@ -92,12 +92,14 @@ def test_chatft_batch_keeps_global_batch():
 @pytest.mark.parametrize("gpus", [1, 4])
 def test_chatft_command_is_a_valid_chatft_config(tmp_path, gpus):
     cmd = ts.chatft_command(model=tmp_path / "m", data=tmp_path / "d.json", out=tmp_path / "o",
-                            gpus=gpus, settings=ts.ABLATIONS["gc_on"], max_steps=6, export=False,
+                            gpus=gpus, settings=ts.ABLATIONS["gc_flip"], max_steps=6, export=False,
                             global_batch=128, accumulation=None, cpu_smoke=False)
     assert cmd[1:4] == ["-m", "chatft", "train"]
     cfg = load_config(None, cmd[4:])  # every option is one chatft knows, and the whole is valid
     assert cfg.model.random_init and cfg.data.packing and cfg.train.precision == "bf16"
-    assert cfg.model.gradient_checkpointing == "on" and cfg.train.max_steps == 6
+    # the flip of the recommended choice: recompute on 1 GPU, not on several
+    assert cfg.model.gradient_checkpointing == ("off" if gpus == 1 else "on")
+    assert cfg.train.max_steps == 6
     assert cfg.train.export is False and cfg.data.system == ts.TUTORIAL_SYSTEM
     t = cfg.train
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.world_size == 128
@@ -135,7 +137,7 @@ def test_process_tree_sampler_sees_a_child_and_its_memory():
 def test_ablations_that_cannot_run_on_a_cpu_say_why():
     assert "CUDA" in ts.ablation_skip_reason("liger_off", cpu=True)
     assert "CPU" in ts.ablation_skip_reason("attn_flex", cpu=True)
-    assert ts.ablation_skip_reason("gc_on", cpu=True) is None
+    assert ts.ablation_skip_reason("gc_flip", cpu=True) is None
     has_varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
     assert (ts.ablation_skip_reason("attn_varlen", cpu=True) is None) == has_varlen
 

@@ -325,7 +325,7 @@ class ChatftSettings:
 
     attn: str = "auto"  # auto = sdpa
     liger: str = "auto"  # on with CUDA when liger-kernel is installed
-    gradient_checkpointing: str = "off"
+    gradient_checkpointing: str | None = None  # None: the recommended choice for the GPU count
     compile: bool = False
 
 
@@ -334,19 +334,25 @@ ABLATIONS: dict[str, ChatftSettings] = {
     "attn_flex": ChatftSettings(attn="flex_attention"),
     "attn_varlen": ChatftSettings(attn="varlen"),
     "liger_off": ChatftSettings(liger="off"),
-    "gc_on": ChatftSettings(gradient_checkpointing="on"),
+    "gc_flip": ChatftSettings(gradient_checkpointing="flip"),
     "compile_on": ChatftSettings(compile=True),
 }
 
+#: One GPU holds the whole bf16 optimizer (16 bytes/parameter: 113 GiB for 7.6B), so its
+#: micro-batches are capped at this many tokens and every layer recomputes its activations
+#: (chatft plan: ~119 GiB predicted); with ZeRO-2 over several GPUs the optimizer is split and
+#: one micro-batch of the step's share fits without recomputation.
+ONE_GPU_MICRO_BATCH_TOKENS = 4096
+
+
+def recommended_checkpointing(gpus: int) -> str:
+    return "on" if gpus == 1 else "off"
+
 
 def chatft_batch(gpus: int, global_batch: int, accumulation: int | None) -> tuple[int, int]:
-    """``(per_device_train_batch_size, gradient_accumulation_steps)`` for ``global_batch``.
-
-    One GPU holds the whole bf16 optimizer (16 bytes/parameter, 122 GB for 7.6B), leaving
-    ~20 GB for activations, so its 128 samples (~8.7k tokens) run as 8 micro-batches of ~1.1k
-    tokens; with ZeRO-2 over several GPUs the optimizer is split and one micro-batch per GPU fits.
-    """
-    accumulation = accumulation or (8 if gpus == 1 else 1)
+    """``(per_device_train_batch_size, gradient_accumulation_steps)`` for ``global_batch``:
+    the whole step's share on each GPU (one GPU splits it by ``--micro_batch_tokens``)."""
+    accumulation = accumulation or 1
     per_device, rest = divmod(global_batch, gpus * accumulation)
     if rest or per_device < 1:
         raise ValueError(f"global batch {global_batch} does not split into {gpus} GPU(s) x "
@@ -368,12 +374,22 @@ def chatft_command(*, model: Path, data: Path, out: Path, gpus: int, settings: C
            "--precision", "auto" if cpu_smoke else "bf16",
            "--logging_steps", "1", "--save_steps", "0", "--export", str(export).lower(),
            "--attn_implementation", settings.attn, "--liger_kernel", settings.liger,
-           "--gradient_checkpointing", settings.gradient_checkpointing,
+           "--gradient_checkpointing", _checkpointing(settings, gpus),
            "--compile", str(settings.compile).lower()]
-    cmd += ["--backend", "torch"] if gpus == 1 else ["--nproc", str(gpus), "--zero_stage", "2"]
+    cmd += (["--backend", "torch", "--micro_batch_tokens", str(ONE_GPU_MICRO_BATCH_TOKENS)]
+            if gpus == 1 else ["--nproc", str(gpus), "--zero_stage", "2"])
     if max_steps:
         cmd += ["--max_steps", str(max_steps)]
     return cmd
+
+
+def _checkpointing(settings: ChatftSettings, gpus: int) -> str:
+    rec = recommended_checkpointing(gpus)
+    if settings.gradient_checkpointing is None:
+        return rec
+    if settings.gradient_checkpointing == "flip":
+        return "off" if rec == "on" else "on"
+    return settings.gradient_checkpointing
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -645,7 +661,8 @@ def run_chatft(ctx: BenchContext, name: str, settings: ChatftSettings, e2e: bool
     row: dict[str, Any] = {
         "variant": name, "command": shlex.join(cmd), **_run_fields(run),
         "settings": {"attn_implementation": settings.attn, "liger_kernel": settings.liger,
-                     "gradient_checkpointing": settings.gradient_checkpointing,
+                     "gradient_checkpointing": _checkpointing(settings, ctx.gpus),
+                     "micro_batch_tokens": ONE_GPU_MICRO_BATCH_TOKENS if ctx.gpus == 1 else 0,
                      "compile": settings.compile, "global_batch_samples": ctx.global_batch,
                      "per_device_train_batch_size": per_device,
                      "gradient_accumulation_steps": accum,
