@@ -202,7 +202,7 @@ def main() -> int:
     ap.add_argument("--global-batch", type=int, default=ts.CHATFT_GLOBAL_BATCH,
                     help="chatft's global batch in samples")
     ap.add_argument("--accumulation", type=int, default=None,
-                    help="chatft's gradient accumulation (default: 8 on one GPU, 1 on several)")
+                    help="chatft's gradient accumulation (default 1; one GPU splits the step by --micro_batch_tokens)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="CPU processes instead of GPUs, tutorial model in fp32 (implied "

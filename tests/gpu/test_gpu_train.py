@@ -64,9 +64,6 @@ def gpu_runs(tmp_path_factory, tiny_qwen2_gpu_dir, huanhuan_small):
                                  "--zero_stage", "2", "--precision", "fp32", "--liger_kernel", "off"]
         layouts["zero3_bf16"] = ["--per_device_train_batch_size", "4", "--nproc", "2",
                                  "--zero_stage", "3", "--precision", "bf16"]
-        layouts["zero3_offload"] = ["--per_device_train_batch_size", "4", "--nproc", "2",
-                                    "--zero_stage", "3", "--offload_optimizer", "cpu",
-                                    "--offload_param", "cpu", "--precision", "bf16"]
     out = {}
     for name, extra in layouts.items():
         out[name] = root / name
