@@ -95,6 +95,17 @@ def test_variant_overrides_reach_the_config(name, tmp_path, huanhuan_path):
     assert (t.num_train_epochs, t.precision, t.seed, t.export) == (3.0, "bf16", 7, True)
     assert (d.system, d.eval_ratio, d.packing) == (q.SYSTEM_PROMPT, 0.1, True)
     assert not cfg.uses_deepspeed  # one process: chatft's plain PyTorch engine
+    assert t.micro_batch_tokens == 0 and d.max_length == 4096  # chatft's defaults unless capped
+
+
+def test_micro_batch_cap_sets_max_length(tmp_path, huanhuan_path):
+    from chatft.config import load_config
+
+    cfg = load_config(None, q.train_overrides(q.VARIANTS["recommended"], model=Path("m"),
+                                              data=huanhuan_path, epochs=1, precision="fp32",
+                                              output_dir=tmp_path, seed=1, micro_batch_tokens=1024))
+    assert (cfg.train.micro_batch_tokens, cfg.data.max_length) == (1024, 1024)
+    assert cfg.train.per_device_train_batch_size == 128  # the batch itself is unchanged
 
 
 def test_limited_data_keeps_first_records(tmp_path, huanhuan_path):

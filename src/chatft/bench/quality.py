@@ -53,6 +53,19 @@ EVAL_RATIO = 0.1
 MAX_NEW_TOKENS = 128
 #: The acceptance setup; a run with other epochs or a record limit is a smoke run.
 ACCEPTANCE_EPOCHS = 3
+#: Token caps per micro-batch (``--micro_batch_tokens``; data.max_length is set to the cap
+#: too, as chatft requires; huanhuan's longest sample is ~600 tokens and the split check fails
+#: if any is dropped). A cap splits a step into micro-batches with the same gradient (chatft
+#: normalizes the loss by the whole step's trained tokens), so held-out losses do not depend
+#: on it; memory and speed do. Uncapped, a batch-128 step is one packed row of ~19k tokens:
+#: * on the CPU its fp32 activations (~40 KB per token per layer: norm outputs, q/k/v, the
+#:   three 1536-wide MLP tensors; ~1.2 MB per token over 30 layers, ~23 GB) do not fit a
+#:   small machine (the 60-record smoke's 7.6k-token row was killed on a 24 GB box);
+#: * on a GPU, SDPA with the block-diagonal mask computes the whole T x T score matrix of the
+#:   row (~9e13 FLOP per step for T = 19k); 4,096-token rows cut that ~5x. 4,096 is also the
+#:   cap chatft's one-GPU recommended configuration uses (bench/train_speed.py).
+CPU_MICRO_BATCH_TOKENS = 1024
+GPU_MICRO_BATCH_TOKENS = 4096
 
 #: Numbers measured earlier with other code on SmolLM2-135M-Instruct and the same split;
 #: stored in every result for comparison (never recomputed here).
@@ -226,6 +239,10 @@ class QualityOptions:
     device: str = "auto"
     """auto (CUDA when present), cuda or cpu; precision follows: bf16 on CUDA, fp32 on CPU."""
 
+    micro_batch_tokens: int | None = None
+    """Cap on tokens per micro-batch (0: none); None: :data:`CPU_MICRO_BATCH_TOKENS` on the
+    CPU, :data:`GPU_MICRO_BATCH_TOKENS` on CUDA."""
+
     runs_dir: Path = Path("runs/quality")
     """Where each variant's output_dir (metrics, loss curve, exported model) goes."""
 
@@ -293,9 +310,12 @@ def limited_data(path: Path, limit: int | None, work: Path) -> Path:
 
 
 def train_overrides(variant: Variant, *, model: Path, data: Path, epochs: float, precision: str,
-                    output_dir: Path, seed: int) -> list[str]:
-    """``chatft train`` options of one variant (shared settings first)."""
-    return ["--model", str(model), "--data", str(data), "--system", SYSTEM_PROMPT,
+                    output_dir: Path, seed: int, micro_batch_tokens: int = 0) -> list[str]:
+    """``chatft train`` options of one variant (shared settings first). ``micro_batch_tokens``
+    > 0 caps tokens per micro-batch (and sets max_length to the cap, which chatft requires)."""
+    cap = (["--micro_batch_tokens", str(micro_batch_tokens), "--max_length", str(micro_batch_tokens)]
+           if micro_batch_tokens > 0 else [])
+    return ["--model", str(model), "--data", str(data), "--system", SYSTEM_PROMPT, *cap,
             "--eval_ratio", str(EVAL_RATIO), "--num_train_epochs", f"{epochs:g}",
             "--precision", precision, "--packing", "true", "--seed", str(seed),
             "--logging_steps", "1", "--export", "true",
@@ -387,7 +407,10 @@ def run_variant(variant: Variant, overrides: list[str], output_dir: Path, env: d
     wall = time.perf_counter() - t0
     if code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
-        raise RuntimeError(f"chatft train ({variant.name}) exited {code}:\n" + "\n".join(tail))
+        how = (f"was killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
+               if code < 0 else f"exited {code}")
+        raise RuntimeError(f"chatft train ({variant.name}) {how}; end of {log_path}:\n"
+                           + "\n".join(tail))
     m = read_metrics(output_dir / "metrics.jsonl")
     answers = ask(output_dir / "final", device)
     return {
@@ -483,10 +506,13 @@ def run_benchmark(opts: QualityOptions) -> dict[str, Any]:
     data = limited_data(data_src, opts.limit, runs)
     model = base_model_folder(opts.model)
     env = child_env(device)
+    cap = opts.micro_batch_tokens
+    if cap is None:
+        cap = CPU_MICRO_BATCH_TOKENS if device == "cpu" else GPU_MICRO_BATCH_TOKENS
 
     def overrides(v: Variant) -> list[str]:
         return train_overrides(v, model=model, data=data, epochs=opts.epochs, precision=precision,
-                               output_dir=runs / v.name, seed=opts.seed)
+                               output_dir=runs / v.name, seed=opts.seed, micro_batch_tokens=cap)
 
     split = held_out_split(overrides(VARIANTS[opts.variants[0]]))
     print(f"quality: {split['train_samples']} training samples, {split['held_out_samples']} "
@@ -504,6 +530,7 @@ def run_benchmark(opts: QualityOptions) -> dict[str, Any]:
             "records_limit": opts.limit, "epochs": opts.epochs, "eval_ratio": EVAL_RATIO,
             "system_prompt": SYSTEM_PROMPT, "questions": list(QUESTIONS), "device": device,
             "precision": precision, "packing": True, "seed": opts.seed,
+            "micro_batch_tokens": cap,
             "optimizer": "AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0, grad-norm clip 1.0 "
                          "(chatft defaults, same for every variant)",
             "generation": f"greedy, at most {MAX_NEW_TOKENS} new tokens, exported model "
@@ -605,6 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="training output folders (default: <out>/quality_runs_<label>, or "
                          "runs/quality_<label> when --out is bench/results)")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--micro-batch-tokens", type=int,
+                    help=f"cap on tokens per micro-batch (same gradient; 0: none); default: "
+                         f"{CPU_MICRO_BATCH_TOKENS} on the CPU, {GPU_MICRO_BATCH_TOKENS} on CUDA")
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 10:
         ap.error("--limit must be at least 10 (records 9, 19, ... are the held-out set)")
@@ -619,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           variants=tuple(v for v in args.variants.split(",") if v),
                           epochs=args.epochs, limit=args.limit, device=device,
                           runs_dir=args.runs_dir, seed=args.seed,
+                          micro_batch_tokens=args.micro_batch_tokens,
                           command="python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]))
     result = run_benchmark(opts)
     result["label"] = label
