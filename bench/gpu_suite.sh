@@ -41,8 +41,9 @@ lane() {  # lane NAME GPUS TIMEOUT CMD...: run CMD on those GPUs, logged, time-l
   CUDA_VISIBLE_DEVICES=$gpus timeout --kill-after=20 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   log "end $name: exit $?"
 }
-gpu_peaks() {  # sample nvidia-smi every 5 s into the phase's logs
+gpu_peaks() {  # sample nvidia-smi every 5 s into the phase's logs (stopped by finish)
   nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv -l 5 > "$LOGS/nvidia-smi.csv" 2>&1 &
+  SAMPLER=$!
 }
 model_folder() {
   [ -f "$Q7/tokenizer.json" ] || python3 -c "
@@ -58,6 +59,7 @@ train7b() {  # train7b OUTNAME ARGS...: the tutorial job on the random Qwen2-7B 
 export -f train7b
 export W Q7 DATA SYSTEM
 finish() {
+  kill "$SAMPLER" 2>/dev/null
   wait
   for d in "$W"/runs/*/; do
     [ -f "$d/metrics.jsonl" ] && cp "$d/metrics.jsonl" "$LOGS/metrics_$(basename "$d").jsonl"
@@ -91,21 +93,24 @@ one_gpu)
       --max_gpu_memory 24GiB --precision bf16 --export false' ) &
   finish ;;
 four_gpu)
-  lane chatft_e2e_4gpu 0,1,2,3 240 python3 bench/train_speed.py --gpus 4 --variants chatft_e2e \
-    --timeout 230 --label h200x4_chatft --workdir "$W/ts_4gpu" --keep-export
-  lane zero3_epoch 0,1,2,3 140 bash -c 'train7b zero3_epoch --nproc 4 --zero_stage 3 \
-    --per_device_train_batch_size 32 --num_train_epochs 1 --precision bf16' 
-  lane tutorial_4gpu 0,1,2,3 170 python3 bench/train_speed.py --gpus 4 --variants tutorial --steps 4 \
-    --timeout 160 --label h200x4_tutorial --workdir "$W/ts_tut4"
+  lane chatft_e2e_4gpu 0,1,2,3 200 python3 bench/train_speed.py --gpus 4 --variants chatft_e2e \
+    --timeout 190 --label h200x4_chatft --workdir "$W/ts_4gpu" --keep-export
+  lane zero3_epoch 0,1,2,3 130 bash -c 'train7b zero3_epoch --nproc 4 --zero_stage 3 \
+    --per_device_train_batch_size 32 --num_train_epochs 1 --precision bf16'
+  lane tutorial_4gpu 0,1,2,3 165 python3 bench/train_speed.py --gpus 4 --variants tutorial --steps 3 \
+    --timeout 155 --force --label h200x4_tutorial --workdir "$W/ts_tut4"
   finish ;;
 extras)
-  lane quality 0 540 python3 bench/quality_smollm2.py --model-path "${SMOLLM2_GGUF}" \
+  lane quality 0 430 python3 bench/quality_smollm2.py --model-path "${SMOLLM2_GGUF}" \
     --variants recommended,tutorial_hp --label h200x1 &
-  lane offload_epoch 1 540 bash -c 'train7b zero2_offload_epoch --zero_stage 2 --offload_optimizer cpu \
+  lane offload_epoch 1 430 bash -c 'train7b zero2_offload_epoch --zero_stage 2 --offload_optimizer cpu \
     --per_device_train_batch_size 128 --micro_batch_tokens 8192 --num_train_epochs 1 --precision bf16' &
-  lane qwen1_7b 2 540 python3 bench/qwen1_7b.py --label h200x1 --workdir "$W/qwen1" &
-  lane serve_7b 3 400 python3 bench/serve_speed.py --device cuda --label h200x1_qwen2-7b \
-    "$(ls -d "$W"/ts_4gpu/*/run/final 2>/dev/null | head -1)" &
+  lane qwen1_7b 2 430 python3 bench/qwen1_7b.py --label h200x1 --workdir "$W/qwen1" --timeout 200 &
+  ( lane gpu_tests 3 120 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider
+    lane serve_7b 3 170 python3 bench/serve_speed.py --device cuda --label h200x1_qwen2-7b \
+      "$(ls -d "$W"/ts_4gpu/*/run/final 2>/dev/null | head -1)"
+    lane varlen_1gpu 3 130 python3 bench/train_speed.py --gpus 1 --variants chatft,attn_varlen --steps 5 \
+      --timeout 60 --label h200x1_varlen --workdir "$W/ts_varlen" ) &
   finish ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

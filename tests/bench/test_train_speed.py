@@ -97,8 +97,8 @@ def test_chatft_command_is_a_valid_chatft_config(tmp_path, gpus):
     assert cmd[1:4] == ["-m", "chatft", "train"]
     cfg = load_config(None, cmd[4:])  # every option is one chatft knows, and the whole is valid
     assert cfg.model.random_init and cfg.data.packing and cfg.train.precision == "bf16"
-    # the flip of the recommended choice: recompute on 1 GPU, not on several
-    assert cfg.model.gradient_checkpointing == ("off" if gpus == 1 else "on")
+    # the flip of the recommended choice (no recomputation)
+    assert cfg.model.gradient_checkpointing == "on"
     assert cfg.train.max_steps == 6
     assert cfg.train.export is False and cfg.data.system == ts.TUTORIAL_SYSTEM
     t = cfg.train

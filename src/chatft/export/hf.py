@@ -84,8 +84,9 @@ def write_folder(state: dict[str, torch.Tensor], config, tokenizer, meta: ChatMe
     torch_dtype = DTYPES[dtype]
     config = config.__class__.from_dict(config.to_dict())
     config.use_cache = True
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = {k: v.to(torch_dtype) for k, v in state.items()}
+    model = _empty_model(config, torch_dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ExportError(f"export: weights do not fit the model config (missing "
@@ -113,6 +114,31 @@ def write_folder(state: dict[str, torch.Tensor], config, tokenizer, meta: ChatMe
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _empty_model(config, dtype: torch.dtype):
+    """The architecture with weights on the meta device: ``load_state_dict(assign=True)``
+    then puts the real tensors in. Initializing 7B random weights on the CPU only to
+    overwrite them would take minutes. Attention is plain SDPA, which any loader has."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+
+
+def _materialize_buffers(model: torch.nn.Module) -> None:
+    """Buffers computed at init (rotary ``inv_freq``) stay on meta after ``assign``; rebuild
+    them by running each rotary module's own initialization on the CPU."""
+    for module in model.modules():
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not meta:
+            continue
+        if hasattr(module, "rope_init_fn") or "inv_freq" in meta:
+            fresh = type(module)(config=module.config) if hasattr(module, "config") else None
+            for n in meta:
+                module.register_buffer(n, getattr(fresh, n), persistent=False)
+        else:
+            raise ExportError(f"cannot rebuild buffer(s) {meta} of {type(module).__name__}")
 
 
 def _probe_logits(model: torch.nn.Module, probe: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -193,9 +219,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
     config = AutoConfig.from_pretrained(folder / "model")
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     state = checkpoint_state_dict(folder, trainer["engine"])
-    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    reference.load_state_dict(state, strict=False)
+    reference = _empty_model(config, torch.float32)
+    reference.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
     reference.tie_weights()
+    _materialize_buffers(reference)
     system = DataOptions.from_config(cfg.data).system
     probe = probe_ids(tokenizer, system)
     logits = _probe_logits(reference, probe, torch.device("cpu"))

@@ -62,8 +62,12 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     returns ``([1, T, Hq, D], None)``."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
-        raise ValueError("varlen attention needs packed batches (cu_seq_lens_q); chatft passes "
-                         "them for training, use sdpa for generation")
+        # Not a packed training row (evaluation probes, generation): ordinary SDPA, causal
+        # within the row, or with the padding mask transformers built.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, is_causal=attention_mask is None)
     max_len = int(kwargs["max_length_q"])
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     groups = q.shape[1] // k.shape[1]
@@ -86,6 +90,10 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from transformers.masking_utils import sdpa_mask
+
     AttentionInterface.register(NAME, varlen_attention)
-    AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)
+    # Packed rows carry no mask (cu_seqlens say where samples end); anything else gets the
+    # SDPA mask, which the fallback above consumes.
+    AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
