@@ -237,7 +237,10 @@ class QualityOptions:
     """Use only the first N records (smoke runs)."""
 
     device: str = "auto"
-    """auto (CUDA when present), cuda or cpu; precision follows: bf16 on CUDA, fp32 on CPU."""
+    """auto (CUDA when present), cuda or cpu."""
+
+    precision: str = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU; or bf16 / fp32."""
 
     micro_batch_tokens: int | None = None
     """Cap on tokens per micro-batch (0: none); None: :data:`CPU_MICRO_BATCH_TOKENS` on the
@@ -497,7 +500,7 @@ def run_benchmark(opts: QualityOptions) -> dict[str, Any]:
     if unknown:
         raise ChatftError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     device = resolve_device(opts.device)
-    precision = "bf16" if device == "cuda" else "fp32"
+    precision = opts.precision if opts.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     hw = hardware(device)
     data_src = Path(opts.data) if opts.data else default_data_path()
     if not data_src.is_file():
@@ -624,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=ACCEPTANCE_EPOCHS)
     ap.add_argument("--limit", type=int, help="use only the first N records (smoke runs)")
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="training precision (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--label",
                     help="result file: quality_smollm2_<label>.json (default: the device)")
     ap.add_argument("--out", type=Path, default=results_dir,
@@ -648,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = QualityOptions(model=args.model, data=args.data,
                           variants=tuple(v for v in args.variants.split(",") if v),
                           epochs=args.epochs, limit=args.limit, device=device,
+                          precision=args.precision,
                           runs_dir=args.runs_dir, seed=args.seed,
                           micro_batch_tokens=args.micro_batch_tokens,
                           command="python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]))
