@@ -85,7 +85,7 @@ def test_aliases():
 def test_bare_boolean_flags():
     assert load_config(None, ["--skip-bad"]).data.skip_bad is True
     cfg = load_config(None, ["--skip-bad", "--max_length", "12", "--compile"])
-    assert (cfg.data.skip_bad, cfg.data.max_length, cfg.train.compile) == (True, 12, True)
+    assert (cfg.data.skip_bad, cfg.data.max_length, cfg.model.compile) == (True, 12, True)
     assert load_config(None, ["--packing", "false"]).data.packing is False
     assert load_config(None, ["--data.verify_labels=no"]).data.verify_labels is False
     assert load_config(None, ["--skip_bad", "0"]).data.skip_bad is False

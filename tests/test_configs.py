@@ -36,4 +36,17 @@ def test_the_tutorial_job_config_says_what_the_tutorial_did_right_and_wrong():
 
 
 def test_default_job_config_equals_no_arguments():
-    assert load_config(CONFIGS[0].parent / "smollm2_persona.yaml").to_dict() == load_config().to_dict()
+    from chatft.cli import train_config
+
+    shipped = load_config(CONFIGS[0].parent / "smollm2_persona.yaml").to_dict()
+    assert train_config([]).to_dict() == shipped
+    assert train_config(["--max_steps", "3"]).train.learning_rate == shipped["train"]["learning_rate"]
+
+
+def test_bringing_your_own_model_or_data_starts_from_the_generic_defaults():
+    from chatft.cli import train_config
+
+    generic = load_config().train.learning_rate
+    assert train_config(["--model", "/some/model"]).train.learning_rate == generic
+    assert train_config(["--data.path", "mine.json"]).train.num_train_epochs == 3
+    assert generic < train_config([]).train.learning_rate

@@ -98,11 +98,24 @@ def _leading_config(rest: list[str]) -> tuple[str | None, list[str]]:
     return None, rest
 
 
+def train_config(rest: list[str]) -> Config:
+    """``chatft train`` arguments -> Config. Without a config file, --model or --data, the
+    base is the embedded default job (``chatft/default_job.yaml``) instead of the generic
+    defaults."""
+    from importlib import resources
+
+    from chatft.config import mentions
+
+    config, overrides = _leading_config(rest)
+    if config is None and not mentions(overrides, "model.name_or_path", "data.path"):
+        config = str(resources.files("chatft") / "default_job.yaml")
+    return load_config(config, overrides)
+
+
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from chatft.train.launch import run
 
-    config, overrides = _leading_config(rest)
-    return run(load_config(config, overrides))
+    return run(train_config(rest))
 
 
 def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:

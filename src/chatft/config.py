@@ -127,7 +127,7 @@ class TrainArgs:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; global batch = per_device x accumulation x processes."""
 
-    learning_rate: float = 1e-5
+    learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""
 
     weight_decay: float = 0.0
@@ -148,7 +148,7 @@ class TrainArgs:
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup (to 0 for cosine and linear)."""
 
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.03
     """Fraction of the optimizer steps spent warming up linearly from 0."""
 
     warmup_steps: int = 0
@@ -186,7 +186,8 @@ class TrainArgs:
     """Weight dtype of the exported model."""
 
     ask: Optional[str] = None
-    """After export, ask the model this and print its answer (built-in datasets bring one)."""
+    """After export, ask the model this and print its answer (built-in datasets bring their
+    own questions)."""
 
     plan: Literal["off", "auto"] = "off"
     """auto: let the memory planner pick ZeRO stage, offload and checkpointing that fit."""
@@ -495,6 +496,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+def mentions(overrides: list[str], *fields: str) -> bool:
+    """Whether command-line ``overrides`` set any of ``fields`` (dotted names)."""
+    problems: list[str] = []
+    given = parse_overrides(overrides, problems)
+    return any(f.partition(".")[2] in given.get(f.partition(".")[0], {}) for f in fields)
 
 
 def config_from_dict(values: dict[str, dict[str, Any]]) -> Config:

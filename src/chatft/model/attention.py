@@ -47,6 +47,12 @@ def _varlen_kernel():
     return varlen_attn, {"causal": causal, "gqa": "enable_gqa" in params}
 
 
+def varlen_takes_gqa() -> bool:
+    """Whether this torch's varlen kernel attends grouped k/v heads itself; without it k/v are
+    repeated per query head below, and autograd saves them so (the memory planner counts it)."""
+    return bool(_varlen_kernel()[1].get("gqa"))
+
+
 def _per_sample_sdpa(q, k, v, cu, scale):
     """Reference path: SDPA on each sample. q/k/v: ``[T, heads, D]`` (k/v already expanded)."""
     outs = []

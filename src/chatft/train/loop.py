@@ -49,7 +49,7 @@ class TrainResult:
     eval_loss_before: float | None
     eval_loss_after: float | None
     export_dir: Path | None
-    answer: str | None
+    answers: dict[str, str]  # question -> the exported model's answer
 
 
 def _say(msg: str, rank: int = 0) -> None:
@@ -266,7 +266,7 @@ def train(cfg: Config) -> TrainResult:
              + (f"; held-out loss {eval_before:.4f} -> {eval_after:.4f}" if eval_before is not None and eval_after is not None else ""))
         plot_loss_curve(metrics.records(), out / CURVE_FILE)
 
-    export_dir, answer = None, None
+    export_dir, answers = None, {}
     if t.export:
         from chatft.export.hf import export_from_engine
 
@@ -275,16 +275,17 @@ def train(cfg: Config) -> TrainResult:
                                                        "eval_loss_before": eval_before,
                                                        "eval_loss_after": eval_after,
                                                        "resumed_from": str(resumed_from) if resumed_from else None})
-        question = t.ask or builtin_meta(cfg.data.path).get("ask")
-        if rank == 0 and question:
+        questions = [t.ask] if t.ask else builtin_meta(cfg.data.path).get("ask", [])
+        if rank == 0 and questions:
             from chatft.serve.generate import SamplingParams, load_chat_model, reply
 
             chat_model = load_chat_model(export_dir, device=str(device))
-            answer = reply(chat_model, [{"role": "user", "content": question}],
-                           SamplingParams(max_new_tokens=128)).text
-            print(f"\n{question}\n> {answer}", flush=True)
+            for question in questions:
+                answers[question] = reply(chat_model, [{"role": "user", "content": question}],
+                                          SamplingParams(max_new_tokens=128)).text
+                print(f"\n{question}\n> {answers[question]}", flush=True)
     engine.barrier()
-    return TrainResult(total_steps, step_loss, eval_before, eval_after, export_dir, answer)
+    return TrainResult(total_steps, step_loss, eval_before, eval_after, export_dir, answers)
 
 
 def save_checkpoint(engine: Engine, cfg: Config, step: int, tokenizer, source) -> None:

@@ -3,8 +3,9 @@
 :func:`estimate` is a pure function of a :class:`Job` (model shape, tokens per micro-batch,
 GPU count, precision, kernels) and a :class:`Strategy` (plain PyTorch or DeepSpeed ZeRO stage,
 offload, how many decoder layers recompute their activations). It returns the predicted peak
-GPU memory per process and peak host memory of the machine, each with its breakdown. No torch
-is needed: everything is arithmetic on the model's config.
+GPU memory per process (what ``torch.cuda.max_memory_allocated`` reports, the figure chatft
+logs per step) and peak host memory of the machine, each with its breakdown. No torch is
+needed: everything is arithmetic on the model's config.
 
 Notation (bytes unless said): ``P`` parameters, ``N`` data-parallel GPUs, ``L`` decoder layers,
 ``h`` hidden size, ``i`` MLP width, ``nh``/``nkv`` query/key-value heads of width ``hd``
@@ -12,16 +13,18 @@ Notation (bytes unless said): ``P`` parameters, ``N`` data-parallel GPUs, ``L`` 
 one GPU, ``b`` bytes of an activation element (2 in bf16/fp16, 4 in fp32), ``E`` the largest
 parameter tensor (the embedding or ``lm_head``: ``V*h``).
 
-**Model states** (exact tensor sizes; DeepSpeed 0.19's buffers were counted on a CPU run):
+**Model states** (exact tensor sizes; DeepSpeed 0.19's buffers were counted on a CPU run and
+read from its source):
 
 * plain engine (one process, :class:`~chatft.train.optim.MasterWeightAdamW`), bf16: weights 2P +
   grads 2P + fp32 masters 4P + Adam moments 8P; at the step one chunk of fp32 gradients (the
-  largest group of parameters MasterWeightAdamW upcasts at once, >= 2^28 elements). fp32: 4P +
-  4P + 8P.
+  largest group of parameters MasterWeightAdamW upcasts at once, >= 2^28 elements); no fp32
+  gradients otherwise. fp32: 4P + 4P + 8P.
 * DeepSpeed, bf16 (``lp = 2``; fp32 ``lp = 4``): stage 0 keeps everything whole plus fp32 grads
   at the step (4P). Stage >= 1 partitions the fp32 masters (4P/N) and Adam (8P/N); stage 1/2
-  build an fp32 gradient partition at the step (4P/N); stage 2 keeps the bf16 gradient partition
-  (2P/N) instead of whole gradients; stage 3 also partitions the bf16 parameters (2P/N) and
+  build an fp32 gradient partition at the step (4P/N; before it, each gradient slice's norm is
+  taken in fp64, 8 x min(E, P/N), the larger when N > P/2E); stage 2 keeps the bf16 gradient
+  partition (2P/N) instead of whole gradients; stage 3 also partitions the bf16 parameters (2P/N) and
   gathers a working set (``stage3_max_live_parameters + stage3_prefetch_bucket_size`` elements,
   plus the full gradient of one module, 2E, before it is reduced). Reduce buckets: stage 1/2
   two of ``reduce_bucket_size`` elements (``overlap_comm`` double-buffers), stage 3 one.
@@ -32,6 +35,11 @@ parameter tensor (the embedding or ``lm_head``: ``V*h``).
   cpu`` adds the bf16 parameter partition 2P/N (pinned); the GPU keeps only the working set.
   That is 18-20 bytes per parameter of host memory: a 7.6B model needs 128-142 GiB for its
   offloaded states alone.
+* Offloading costs GPU memory in the backward pass: DeepSpeed takes each gradient's norm in
+  fp64 on the GPU before copying it to the host. Stage 1/2 upcast a parameter's whole gradient
+  slice (8 bytes x E for ``lm_head``, whose gradient is the first one ready, while every
+  activation is alive); stage 3 copies the gradient partition back to the GPU (lp x E/N) and
+  upcasts it in chunks of 250M elements (8 bytes each).
 
 **Activations** per decoder layer and token, without recomputation (the tensors autograd saves
 in transformers' Llama/Qwen2 layer; checked against a real layer in the tests):
@@ -39,33 +47,39 @@ in transformers' Llama/Qwen2 layer; checked against a real layer in the tests):
 * RMSNorm, twice per layer: its fp32 input copy 4h + normalized value b*h + output b*h (the
   projections' input) + 4 (rstd); Liger's fused RMSNorm saves its input b*h instead of the fp32
   copy and normalized value.
-* attention: rotated q b*qd; k and v b*kvd each with a GQA-native kernel (flex, flash,
-  varlen), but
-  b*qd each with SDPA on packed rows (a mask is passed, so transformers repeats k/v per query
-  head); output b*qd; logsumexp 4*nh. SDPA also saves its mask converted to the activation dtype
-  (b*T per token, i.e. ``b*T^2`` per layer); eager saves the ``nh x T x T`` probabilities.
+* attention: rotated q b*qd; k and v b*kvd each with a GQA-native kernel (flex, flash, and
+  varlen where torch's varlen kernel takes grouped heads), but b*qd each with SDPA on packed
+  rows (a mask is passed, so transformers repeats k/v per query head) and with varlen on a torch
+  whose kernel has no ``enable_gqa`` (chatft repeats k/v itself); output b*qd; logsumexp 4*nh.
+  SDPA also saves its mask converted to the activation dtype (b*T per token, i.e. ``b*T^2`` per
+  layer); varlen has no mask; eager saves the ``nh x T x T`` probabilities.
 * SwiGLU MLP: gate, SiLU(gate), up and their product, 4*b*i; Liger's fused SwiGLU 3*b*i.
 
 With recomputation of ``k`` layers (the first ``k``), those keep only their input (b*h per
 token) and one layer is rematerialized at a time during the backward pass. The loss never
 materializes full logits: chatft's chunked cross-entropy holds ~12 bytes x 2048 rows x V at
 once (fp32 log-probabilities, their gradient and the logits' gradient); Liger's fused version
-only a small chunk and its gradient buffers.
+only a small chunk, the gradient of its input, and ``lm_head``'s gradient (b*V*h), which it
+computes in the forward pass. That gradient is a tensor of its own whenever it is not already
+counted among the model states: with accumulation (the previous micro-batches' gradient
+exists), and under ZeRO-2, whose whole gradients pass through buckets.
 
-**Calibration.** Activations, the loss and backward workspaces are multiplied by
-:attr:`Calibration.activation_factor`; a fixed :attr:`Calibration.gpu_fixed_gib` (CUDA context,
-cuBLAS workspace, allocator slack) is added. :func:`fit_calibration` refits both from measured
-peaks. The defaults are first principles; they reproduce the reference 7B measurement (1 H200,
-8,192 packed tokens, forward+backward, no optimizer: 93-97 GiB; 44 GiB with full
-recomputation) within 5% when that run's loss is taken to be transformers' full-vocabulary one
-(12 bytes x T x V: the only reading under which both figures agree with the model).
+**Calibration** (:class:`Calibration`). Activations, the loss and backward workspaces are
+multiplied by :attr:`Calibration.activation_factor`; a fixed :attr:`Calibration.gpu_fixed_gib`
+(cuBLAS workspaces and other small buffers PyTorch's allocator sees) is added.
+:func:`fit_calibration` refits both from measured peaks. The defaults were fitted on ten runs
+on one and four H200 (``bench/plan_calibration.py``, ``bench/results/plan_calibration_h200.json``):
+every GPU peak is reproduced within 2%, with the activations as counted here (factor 0.99).
+The CUDA context and NCCL's buffers are outside PyTorch's allocator, so they are not in the
+predicted peak; a strategy fits a GPU when peak + context (+ NCCL with several GPUs) is within
+the budget's margin.
 
 **Host memory**: a baseline per process (Python, torch, CUDA libraries) and one for the
 launcher when several processes run; the model load (each process holds the whole model in
 its dtype on the CPU while loading, except under ZeRO-3 where ``zero.Init`` partitions it);
 the offloaded states; and the export at the end (process 0 copies the full weights to the host
-in the export dtype while the engine's buffers are still alive, then builds the folder's model
-from that copy).
+in the export dtype while the engine's buffers are still alive, then writes the folder and
+reloads it to check it: a second copy).
 
 **Speed** (for ranking only, see :class:`SpeedModel`): compute 6*P*T FLOPs per micro-batch plus
 2*P_layer*T per recomputed layer (a third of that layer's forward+backward), collectives over
@@ -99,6 +113,9 @@ MASTER_CHUNK_NUMEL = 1 << 28
 LOSS_CHUNK_ROWS = 2048
 #: Packed rows are padded to a multiple of this on CUDA (chatft.train.loop).
 CUDA_TOKEN_MULTIPLE = 64
+#: Elements DeepSpeed ZeRO-3 upcasts to fp64 at once for a gradient's norm
+#: (``_constant_buffered_norm2``'s buffer size).
+DS_NORM_CHUNK_NUMEL = 250_000_000
 
 Attention = Literal["sdpa", "flex_attention", "flash_attention_2", "varlen", "eager"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -270,12 +287,13 @@ class Job:
     attention: Attention = "sdpa"
     fused_kernels: bool = False  # Liger RMSNorm/SwiGLU/RoPE
     loss: LossKernel = "chunked"  # chunked (PyTorch), fused (Liger), full (whole logits)
-    micro_batches: int = 1  # per GPU per optimizer step (accumulation), for the speed estimate
+    micro_batches: int = 1  # per GPU per optimizer step (accumulation, or more under a token cap)
     pretrained: bool = True  # weights are loaded from files (host copy while loading)
     export: bool = True  # the run ends by gathering the full weights on process 0
     export_bytes: int = 2  # bytes per weight of the exported folder (bf16)
     optimizer: bool = True  # False: forward+backward only (benchmarks, calibration rows)
     deepspeed: DeepSpeedSizes = field(default_factory=DeepSpeedSizes)
+    varlen_takes_gqa: bool = False  # torch's varlen kernel attends grouped k/v (no repeat)
 
     @property
     def procs_per_node(self) -> int:
@@ -323,18 +341,31 @@ class Strategy:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Constants fitted to measured peaks (see :func:`fit_calibration`)."""
+    """Constants fitted to measured peaks (see :func:`fit_calibration`).
 
-    activation_factor: float = 1.0
+    The defaults were fitted on 2026-11-28 by ``bench/plan_calibration.py`` to the ten runs of
+    ``bench/results/plan_measurements_h200.json`` (1 and 4 NVIDIA H200, torch 2.11, DeepSpeed
+    0.19.8, Liger; Qwen2-7B and Qwen-7B shapes; plain, ZeRO-2, ZeRO-3 and offload): every GPU
+    peak is predicted within 2% (``bench/results/plan_calibration_h200.json``).
+    """
+
+    activation_factor: float = 0.993
     """Multiplies activations, loss and backward workspaces (allocator rounding, kernel scratch)."""
-    gpu_fixed_gib: float = 1.0
-    """CUDA context, cuBLAS workspace and allocator slack per GPU process."""
-    comm_gib: float = 0.5
-    """NCCL buffers per process when several GPUs talk."""
-    host_process_gib: float = 3.0
+    gpu_fixed_gib: float = 0.0
+    """Allocator-visible memory of a GPU process besides states and activations (cuBLAS
+    workspaces, small buffers); fitted at its floor, 0."""
+    context_gib: float = 0.751
+    """CUDA context of a GPU process: device memory outside PyTorch's allocator, so not in the
+    predicted peak but in the budget check (nvidia-smi's used memory minus torch's reserved
+    memory, the largest of the one-process runs: 0.64-0.75 GiB)."""
+    comm_gib: float = 1.299
+    """NCCL's buffers per process when several GPUs talk, also outside PyTorch's allocator
+    (4 GPUs: 2.05 GiB used beyond torch's reserved memory, less the context)."""
+    host_process_gib: float = 1.904
     """Host memory of one training process before any model state: Python, torch, CUDA."""
     host_launcher_gib: float = 1.0
-    """The ``chatft train`` parent and DeepSpeed's launcher when workers are separate processes."""
+    """The ``chatft train`` parent and DeepSpeed's launcher when workers are separate processes
+    (not fitted: one measured multi-process run cannot tell it from the per-process part)."""
 
 
 @dataclass(frozen=True)
@@ -366,7 +397,7 @@ def layer_activation_bytes(job: Job) -> int:
     else:
         norm = 4 * h + b * h + b * h + 4  # fp32 input copy, normalized, output, rstd
         mlp = 4 * b * i  # gate, SiLU(gate), up, product
-    if job.attention in ("sdpa", "eager"):
+    if kv_repeated(job):
         qkv = 3 * b * qd  # k and v repeated per query head
     else:
         qkv = b * qd + 2 * b * kvd
@@ -378,6 +409,14 @@ def layer_activation_bytes(job: Job) -> int:
     if job.attention == "sdpa":
         per_token += b * T  # the mask, converted to the activation dtype in every layer
     return T * per_token
+
+
+def kv_repeated(job: Job) -> bool:
+    """Whether attention saves k and v expanded to every query head: SDPA on packed rows and
+    eager (transformers repeats them), varlen when torch's kernel has no grouped-head mode
+    (chatft repeats them; measured on torch 2.11: varlen saved exactly SDPA's bytes less the
+    mask)."""
+    return job.attention in ("sdpa", "eager") or (job.attention == "varlen" and not job.varlen_takes_gqa)
 
 
 def head_activation_bytes(job: Job) -> int:
@@ -398,8 +437,12 @@ def backward_workspace_bytes(job: Job) -> int:
     return job.tokens * job.act_bytes * (3 * m.intermediate_size + 2 * m.hidden_size)
 
 
-def loss_bytes(job: Job, grads_whole: bool) -> int:
-    """Peak transient of the loss (forward + backward of the output layer)."""
+def loss_bytes(job: Job, head_grad_separate: bool) -> int:
+    """Peak transient of the loss (forward + backward of the output layer).
+
+    ``head_grad_separate``: the ``lm_head`` gradient Liger's fused loss computes in its forward
+    is a tensor of its own, not one the model states already count (see :func:`_gpu_states`).
+    """
     m, T, V, b = job.model, job.tokens, job.model.vocab_size, job.act_bytes
     if job.loss == "full":
         return 12 * T * V  # fp32 log-probs, their gradient, the logits' gradient
@@ -407,13 +450,13 @@ def loss_bytes(job: Job, grads_whole: bool) -> int:
         # Liger: gradient of the hidden states and of lm_head computed in the forward; logits
         # only for a chunk of 2^ceil(log2(T / ceil(V/h))) rows.
         chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(T / math.ceil(V / m.hidden_size))))))
-        return b * T * m.hidden_size + b * chunk * V + (0 if grads_whole else b * V * m.hidden_size)
+        return b * T * m.hidden_size + b * chunk * V + (b * V * m.hidden_size if head_grad_separate else 0)
     rows = min(T, LOSS_CHUNK_ROWS)
     # A later chunk's lm_head gradient is a fresh V x h tensor before it is added to .grad.
     return max(12 * rows * V, 6 * rows * V + (b * V * m.hidden_size if T > rows else 0))
 
 
-def activation_peak_bytes(job: Job, checkpoint_layers: int, grads_whole: bool) -> tuple[int, str]:
+def activation_peak_bytes(job: Job, checkpoint_layers: int, head_grad_separate: bool) -> tuple[int, str]:
     """Peak of activations + loss + workspace in the backward pass, and when it happens.
 
     Two candidate moments: the start of the backward pass (every layer's saved tensors, the
@@ -427,7 +470,7 @@ def activation_peak_bytes(job: Job, checkpoint_layers: int, grads_whole: bool) -
     work = backward_workspace_bytes(job)
     mask = shared_mask_bytes(job)
     start = (L - k) * layer + k * inputs + head_activation_bytes(job) + mask + \
-        max(loss_bytes(job, grads_whole), work)
+        max(loss_bytes(job, head_grad_separate), work)
     if k == 0:
         return start, "backward start"
     remat = k * inputs + mask + layer + work  # the loss and the head are freed by then
@@ -442,7 +485,8 @@ class Estimate:
     """Predicted peaks of one strategy, with the parts that make them up."""
 
     strategy: Strategy
-    gpu_bytes: int  # per GPU process
+    gpu_bytes: int  # per GPU process: peak of PyTorch's allocated memory
+    gpu_outside_bytes: int  # CUDA context (+ NCCL buffers): device memory outside the allocator
     host_bytes: int  # whole node
     host_pinned_bytes: int  # of host_bytes, page-locked (offload buffers)
     gpu_parts: dict[str, int]  # at the GPU peak
@@ -457,15 +501,33 @@ class Estimate:
         return self.gpu_bytes / GIB
 
     @property
+    def gpu_device_bytes(self) -> int:
+        """What the GPU must hold: the allocator's peak plus the memory outside it."""
+        return self.gpu_bytes + self.gpu_outside_bytes
+
+    @property
     def host_gib(self) -> float:
         return self.host_bytes / GIB
 
 
-def _gpu_states(job: Job, s: Strategy) -> tuple[dict[str, int], dict[str, int], bool]:
-    """(resident parts, extra parts at the optimizer step, whether gradients are whole)."""
+@dataclass(frozen=True)
+class GpuStates:
+    """Model-state memory of one GPU process, by when it exists."""
+
+    resident: dict[str, int]  # all the time
+    backward: dict[str, int]  # transients of the backward pass, alive with the activations
+    step: dict[str, int]  # transients of the optimizer step
+    head_grad_separate: bool  # the fused loss's lm_head gradient is not among the parts above
+
+
+def _gpu_states(job: Job, s: Strategy) -> GpuStates:
+    """What one process's engine keeps on its GPU (see the module docstring)."""
     P, N, E = job.model.n_params, job.gpus, job.model.largest_param
     ds = job.deepspeed
     opt = job.optimizer
+    # Whole gradients are counted as states; the fused loss's lm_head gradient adds to them
+    # only while an earlier micro-batch's gradient is being accumulated into.
+    accumulating = job.micro_batches > 1
     if s.backend == "torch":
         if job.precision == "bf16":
             res = {"bf16 weights": 2 * P, "bf16 grads": 2 * P}
@@ -479,7 +541,7 @@ def _gpu_states(job: Job, s: Strategy) -> tuple[dict[str, int], dict[str, int], 
             if job.precision == "fp16":
                 res["fp16 weight casts"] = 2 * P  # autocast's per-forward copies
             step = {}
-        return res, step, True
+        return GpuStates(res, {}, step, accumulating)
     lp = 4 if job.precision == "fp32" else 2
     z = s.zero_stage
     if z == 0:
@@ -490,8 +552,10 @@ def _gpu_states(job: Job, s: Strategy) -> tuple[dict[str, int], dict[str, int], 
         else:
             res |= {"Adam moments": 8 * P} if opt else {}
             step = {}
-        return res, step, True
+        return GpuStates(res, {}, step, accumulating)
+    part = -(-P // N)
     res: dict[str, int] = {}
+    backward: dict[str, int] = {}
     step: dict[str, int] = {}
     res["weights" if z < 3 else "weight partition"] = lp * P if z < 3 else (
         0 if s.offload_param else -(-lp * P // N))
@@ -501,16 +565,31 @@ def _gpu_states(job: Job, s: Strategy) -> tuple[dict[str, int], dict[str, int], 
         res["grad partition"] = -(-lp * P // N)
     if opt and not s.offload_optimizer:
         res |= {"fp32 masters": -(-4 * P // N), "Adam moments": -(-8 * P // N)}
-        step["fp32 grad partition"] = 4 * (-(-P // N) if z < 3 else min(ds.sub_group_size, -(-P // N)))
+        if z < 3:
+            # The step first takes each gradient slice's norm in fp64, then builds the fp32
+            # gradient partition; the larger of the two is the step's peak.
+            norm, fp32 = 8 * min(E, part), 4 * part
+            step = {"grad norm (fp64)": norm} if norm > fp32 else {"fp32 grad partition": fp32}
+        else:
+            step["fp32 grad partition"] = 4 * min(ds.sub_group_size, part)
     if z < 3:
         res["reduce buckets"] = 2 * lp * ds.reduce_bucket_size
         if s.offload_optimizer:
             res["offload staging"] = lp * E
+            if opt:
+                # lm_head's gradient slice upcast to fp64 for its norm at backward start
+                backward["grad norm (fp64)"] = 8 * min(E, part)
     else:
         res["reduce bucket"] = lp * ds.reduce_bucket_size
         res["gathered params"] = lp * min(P, ds.max_live_parameters + ds.prefetch_bucket_size)
-        res["module grads"] = lp * E
-    return res, step, z == 1
+        res["module grads"] = lp * E  # with the fused loss: the lm_head gradient it computes
+        if s.offload_optimizer and opt:
+            # Each gradient partition comes back from the host buffer to the GPU and has its
+            # norm taken in fp64 chunks; the largest module's partition is the worst.
+            module_part = -(-E // N)
+            backward["grad partition copy"] = lp * module_part
+            backward["grad norm chunk (fp64)"] = 8 * min(DS_NORM_CHUNK_NUMEL, module_part)
+    return GpuStates(res, backward, step, z == 2 or (z == 1 and accumulating))
 
 
 def _host_offload(job: Job, s: Strategy) -> tuple[int, int]:
@@ -532,6 +611,18 @@ def _host_offload(job: Job, s: Strategy) -> tuple[int, int]:
     return total, pinned
 
 
+def _gpu_phases(job: Job, strategy: Strategy, activation_factor: float, fixed: int
+                ) -> dict[str, dict[str, int]]:
+    """The parts of each candidate GPU peak: the backward pass (states, its transients and the
+    activations) and the optimizer step (states and the step's transients)."""
+    states = _gpu_states(job, strategy)
+    act, when = activation_peak_bytes(job, strategy.checkpoint_layers, states.head_grad_separate)
+    return {f"forward/backward ({when})": {**states.resident, **states.backward,
+                                           "activations": int(act * activation_factor),
+                                           "fixed": fixed},
+            "optimizer step": {**states.resident, **states.step, "fixed": fixed}}
+
+
 def estimate(job: Job, strategy: Strategy, calibration: Calibration = DEFAULT_CALIBRATION,
              speed: SpeedModel = DEFAULT_SPEED) -> Estimate:
     """Predicted peak GPU memory (per process) and host memory (node) of ``job`` run as
@@ -539,15 +630,10 @@ def estimate(job: Job, strategy: Strategy, calibration: Calibration = DEFAULT_CA
     if strategy.backend == "torch" and job.gpus > 1:
         raise ValueError("the plain engine runs one process")
     cal = calibration
-    fixed = int(cal.gpu_fixed_gib * GIB) + (int(cal.comm_gib * GIB) if job.gpus > 1 else 0)
-    resident, step, grads_whole = _gpu_states(job, strategy)
-    act, when = activation_peak_bytes(job, strategy.checkpoint_layers, grads_whole)
-    phases = {
-        f"forward/backward ({when})": {**resident, "activations": int(act * cal.activation_factor),
-                                       "CUDA context etc.": fixed},
-        "optimizer step": {**resident, **step, "CUDA context etc.": fixed},
-    }
-    gpu_phase, gpu_parts = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    fixed = int(cal.gpu_fixed_gib * GIB)
+    outside = int(cal.context_gib * GIB) + (int(cal.comm_gib * GIB) if job.gpus > 1 else 0)
+    gpu_phase, gpu_parts = max(_gpu_phases(job, strategy, cal.activation_factor, fixed).items(),
+                               key=lambda kv: sum(kv[1].values()))
 
     # Host: per-process baseline, then the largest of load / train / export.
     n = job.procs_per_node
@@ -562,8 +648,8 @@ def estimate(job: Job, strategy: Strategy, calibration: Calibration = DEFAULT_CA
             "train": {"processes": base, "offloaded states": n * offload}}
     if job.export:
         # Process 0 copies the weights to the host in the export dtype while the engine (and
-        # its offloaded states) still exists, then the engine is dropped and the folder's
-        # model is built from that copy.
+        # its offloaded states) still exists; then the engine is dropped, the folder is written
+        # from that copy and reloaded (a second copy) to check it.
         gathered = job.export_bytes * P
         host["export"] = {"processes": base, "offloaded states": n * offload,
                           "gathered weights": gathered}
@@ -571,8 +657,8 @@ def estimate(job: Job, strategy: Strategy, calibration: Calibration = DEFAULT_CA
                                 "export model": gathered}
     host_phase, host_parts = max(host.items(), key=lambda kv: sum(kv[1].values()))
     step_s = step_seconds(job, strategy, speed)
-    return Estimate(strategy, sum(gpu_parts.values()), sum(host_parts.values()), n * pinned,
-                    gpu_parts, gpu_phase, host_parts, host_phase, step_s,
+    return Estimate(strategy, sum(gpu_parts.values()), outside, sum(host_parts.values()),
+                    n * pinned, gpu_parts, gpu_phase, host_parts, host_phase, step_s,
                     job.gpus * job.micro_batches * job.tokens / step_s)
 
 
@@ -652,7 +738,7 @@ class Plan:
 
 
 def fits_gpu(est: Estimate, budget: int, margin: float) -> bool:
-    return est.gpu_bytes <= budget * (1 - margin)
+    return est.gpu_device_bytes <= budget * (1 - margin)
 
 
 def fewest_checkpoint_layers(job: Job, strategy: Strategy, gpu_budget: int, margin: float = 0.05,
@@ -727,7 +813,10 @@ def format_plan(plan: Plan, notes: Sequence[str] = ()) -> str:
              (f"job: {job.tokens:,} tokens per micro-batch, {job.gpus} GPU(s), {job.precision}, "
               f"{job.attention} attention, {kernels}, {job.loss} loss"),
              (f"budget: {_gib(plan.gpu_budget)} GiB per GPU, {_gib(plan.host_budget)} GiB host "
-              f"(fits = peak within {100 * (1 - plan.margin):.0f}% of both)"), *notes, ""]
+              f"(fits = peak within {100 * (1 - plan.margin):.0f}% of both; GPU GiB is PyTorch's "
+              f"allocated peak, the GPU also holds {_gib(plan.rows[0].estimate.gpu_outside_bytes)} "
+              "GiB outside it: CUDA context" + (", NCCL)" if job.gpus > 1 else ")")),
+             *notes, ""]
     header = ("strategy", "recompute", "GPU GiB", "host GiB", "pinned GiB", "fits", "speed")
     table = [header]
     for r in plan.rows:
@@ -773,6 +862,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         e = r.estimate
         return {"strategy": asdict(r.strategy), "label": r.strategy.engine_label,
                 "recompute": r.strategy.recompute_label(L), "gpu_gib": round(e.gpu_gib, 3),
+                "gpu_device_gib": round(e.gpu_device_bytes / GIB, 3),
                 "host_gib": round(e.host_gib, 3), "host_pinned_gib": round(e.host_pinned_bytes / GIB, 3),
                 "fits_gpu": r.fits_gpu, "fits_host": r.fits_host, "fits": r.fits,
                 "relative_speed": round(r.relative_speed, 4), "step_seconds": round(e.step_seconds, 4),
@@ -807,29 +897,46 @@ def fit_calibration(rows: Sequence[Measurement], base: Calibration = DEFAULT_CAL
     """Refit the constants from measured peaks.
 
     GPU: each row's peak is ``states + fixed + factor * activations`` (the parts of its peak
-    phase), a line in (factor, fixed); with two or more distinct activation sizes both are
-    solved by least squares, with one row only the factor (the fixed part kept). Host: the
-    per-process baseline is the mean of ``(measured - the rest) / processes``.
+    phase; a peak at the optimizer step has no activations), a line in (factor, fixed). With
+    two or more distinct activation sizes both are solved by least squares on the relative
+    errors (each row weighted by 1/measured^2, so a 7 GiB run counts as much as a 130 GiB one),
+    with one only the factor (the fixed part kept). Which phase peaks depends on the constants,
+    so the fit repeats until no row changes phase. Host: the per-process baseline is the mean of
+    ``(measured - the rest) / processes``.
     """
     if not rows:
         return base
-    xs, ys = [], []
+    # Per row: (states of the backward phase, raw activations, states of the step phase), GiB.
+    pieces = []
     for r in rows:
-        probe = estimate(r.job, r.strategy, replace(base, activation_factor=1.0, gpu_fixed_gib=0.0,
-                                                    comm_gib=0.0))
-        act = probe.gpu_parts.get("activations", 0)
-        xs.append(act / GIB)
-        ys.append(r.gpu_gib - (probe.gpu_bytes - act) / GIB
-                  - (base.comm_gib if r.job.gpus > 1 else 0.0))
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if n >= 2 and sxx > 1e-9 * max(1.0, mx * mx):
-        factor = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-        fixed = my - factor * mx
-    else:
-        fixed = base.gpu_fixed_gib
-        factor = (my - fixed) / mx if mx > 0 else base.activation_factor
+        phases = _gpu_phases(r.job, r.strategy, 1.0, 0)
+        (_, back), (_, step) = phases.items()
+        act = back["activations"]
+        pieces.append(((sum(back.values()) - act) / GIB, act / GIB, sum(step.values()) / GIB))
+    factor, fixed = base.activation_factor, base.gpu_fixed_gib
+    in_step: list[bool] | None = None
+    for _ in range(20):
+        now = [b + factor * a < st for b, a, st in pieces]  # the step is this row's peak
+        if now == in_step:
+            break
+        in_step = now
+        xs = [0.0 if st_peak else a for (b, a, st), st_peak in zip(pieces, in_step)]
+        ys = [r.gpu_gib - (st if st_peak else b) for r, (b, a, st), st_peak in zip(rows, pieces, in_step)]
+        ws = [1.0 / max(r.gpu_gib, 1e-9) ** 2 for r in rows]
+        sw = sum(ws)
+        mx = sum(w * x for w, x in zip(ws, xs)) / sw
+        my = sum(w * y for w, y in zip(ws, ys)) / sw
+        sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+        if len(rows) >= 2 and sxx > 1e-9 * sw * max(1.0, mx * mx):
+            factor = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sxx
+            fixed = my - factor * mx
+            if fixed < 0:  # memory cannot be negative: the best line through no fixed part
+                fixed = 0.0
+                sxx0 = sum(w * x * x for w, x in zip(ws, xs))
+                factor = sum(w * x * y for w, x, y in zip(ws, xs, ys)) / sxx0 if sxx0 else factor
+        else:
+            fixed = base.gpu_fixed_gib
+            factor = (my - fixed) / mx if mx > 0 else base.activation_factor
     out = replace(base, activation_factor=factor, gpu_fixed_gib=fixed)
     host = [r for r in rows if r.host_gib is not None]
     if host:
@@ -846,10 +953,11 @@ def fit_calibration(rows: Sequence[Measurement], base: Calibration = DEFAULT_CAL
 
 def resolve_kernels(cfg: "Config") -> tuple[str, bool, LossKernel]:
     """(attention, Liger kernels, loss) the engine will use on a GPU for this config."""
-    from chatft.model.build import liger_available
+    import torch
 
-    attention = cfg.model.attn_implementation
-    attention = "sdpa" if attention == "auto" else attention
+    from chatft.model.build import liger_available, resolve_attention
+
+    attention = resolve_attention(cfg.model.attn_implementation, torch.device("cuda"))
     if attention not in ("sdpa", "flex_attention", "flash_attention_2", "varlen", "eager"):
         attention = "sdpa"
     liger = cfg.model.liger_kernel == "on" or (cfg.model.liger_kernel == "auto" and liger_available())
@@ -864,51 +972,76 @@ def token_budget(cfg: "Config", lengths: Sequence[int] | None = None, gpus: int 
     allows: ``per_device_train_batch_size x max_length``, or ``micro_batch_tokens + max_length``
     when a cap is set. Packed rows round up to 64 tokens, as on CUDA.
     """
+    return micro_batch_layout(cfg, lengths, gpus)[0]
+
+
+def micro_batch_layout(cfg: "Config", lengths: Sequence[int] | None = None,
+                       gpus: int | None = None) -> tuple[int, int]:
+    """(tokens of the largest micro-batch, most micro-batches per GPU in one step).
+
+    The count is the configured accumulation, or more under ``micro_batch_tokens``: from the
+    lengths, the most any step of the run needs; without them, the bound for samples of
+    ``max_length`` tokens. See :func:`token_budget` for the tokens.
+    """
     t, d = cfg.train, cfg.data
     world = gpus or cfg.world_size
+    accumulation = t.gradient_accumulation_steps
 
     def padded(n: int) -> int:
         return -(-n // CUDA_TOKEN_MULTIPLE) * CUDA_TOKEN_MULTIPLE if d.packing else n
 
     if lengths is None or len(lengths) == 0:
         bound = t.per_device_train_batch_size * d.max_length
+        m = accumulation
         if t.micro_batch_tokens:
             bound = min(bound, t.micro_batch_tokens + d.max_length)
-        return padded(bound)
+            m = max(m, math.ceil(t.per_device_train_batch_size * accumulation * d.max_length
+                                 / t.micro_batch_tokens))
+        return padded(bound), m
     import numpy as np
 
     from chatft.train.batching import deal_into_bins, micro_batches_per_rank, step_samples, steps_per_epoch
 
     lengths = np.asarray(lengths)
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    global_batch = t.per_device_train_batch_size * accumulation * world
     per_epoch = steps_per_epoch(len(lengths), global_batch)
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
-    worst = 0
+    worst, most = 0, accumulation
     for step in range(min(total, 20_000)):
         epoch, in_epoch = divmod(step, per_epoch)
         samples = step_samples(len(lengths), global_batch, t.seed, epoch, in_epoch)
-        m = micro_batches_per_rank(int(lengths[samples].sum()), world, t.gradient_accumulation_steps,
-                                   t.micro_batch_tokens)
+        m = micro_batches_per_rank(int(lengths[samples].sum()), world, accumulation, t.micro_batch_tokens)
+        most = max(most, m)
         for b in deal_into_bins(samples, lengths, world * m):
             if b:
                 size = int(lengths[b].sum()) if d.packing else len(b) * int(lengths[b].max())
                 worst = max(worst, size)
-    return padded(worst)
+    return padded(worst), most
 
 
-def job_from_config(cfg: "Config", model_config: Any, tokens: int, gpus: int | None = None) -> Job:
-    """The planner's Job for a chatft config (precision auto = bf16: the plan is for GPUs)."""
+def job_from_config(cfg: "Config", model_config: Any, tokens: int, gpus: int | None = None,
+                    micro_batches: int | None = None) -> Job:
+    """The planner's Job for a chatft config (precision auto = bf16: the plan is for GPUs).
+    ``micro_batches``: per GPU per step (see :func:`micro_batch_layout`); by default the
+    bound without sample lengths."""
     attention, liger, loss = resolve_kernels(cfg)
     precision = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
     gpus = gpus or cfg.world_size
+    if micro_batches is None:
+        micro_batches = micro_batch_layout(cfg, None, gpus)[1]
     shape = ModelShape.from_config(model_config)
+    gqa = False
+    if attention == "varlen":
+        from chatft.model.attention import varlen_takes_gqa
+
+        gqa = varlen_takes_gqa()
     return Job(model=shape, tokens=tokens, gpus=gpus,
                gpus_per_node=gpus // max(1, cfg.launch.num_nodes) if cfg.launch.num_nodes > 1 else 0,
                precision=precision, attention=attention, fused_kernels=liger, loss=loss,
-               micro_batches=cfg.train.gradient_accumulation_steps,
+               micro_batches=micro_batches,
                pretrained=not cfg.model.random_init, export=cfg.train.export,
                export_bytes=4 if cfg.train.export_dtype == "fp32" else 2,
-               deepspeed=deepspeed_sizes(cfg, shape))
+               deepspeed=deepspeed_sizes(cfg, shape), varlen_takes_gqa=gqa)
 
 
 def deepspeed_sizes(cfg: "Config", shape: ModelShape) -> DeepSpeedSizes:
@@ -1053,11 +1186,11 @@ def plan_command(cfg: "Config", *, gpus: int | None, gpu_mem: str | None, cpu_me
     if tokens is not None:
         if tokens < 1:
             raise ChatftError(f"--tokens {tokens}: expected at least 1")
-        T, why = tokens, "given"
+        (T, m), why = (tokens, micro_batch_layout(cfg, None, gpus)[1]), "given"
     else:
         lengths, why = data_lengths(cfg)
-        T = token_budget(cfg, lengths, gpus)
-    job = job_from_config(cfg, model_cfg, T, gpus)
+        T, m = micro_batch_layout(cfg, lengths, gpus)
+    job = job_from_config(cfg, model_cfg, T, gpus, micro_batches=m)
     plan = make_plan(job, gpu_budget, host_budget)
     if as_json:
         print(json.dumps({**plan_to_json(plan), "tokens_source": why, "budget_source": source},
@@ -1092,14 +1225,14 @@ def apply_strategy(cfg: "Config", strategy: Strategy, num_layers: int) -> list[s
 
 
 def apply_plan(cfg: "Config", model_config: Any, tokens: int, gpu_budget: int,
-               host_budget: int) -> tuple[Plan, list[str]]:
+               host_budget: int, micro_batches: int | None = None) -> tuple[Plan, list[str]]:
     """``--plan auto`` (or ``gradient_checkpointing auto``): choose and apply the strategy.
 
     ``train.plan auto`` applies the recommended strategy. Without it, ``gradient_checkpointing
     auto`` keeps the configured engine and picks the fewest recomputed layers that fit.
     Raises ChatftError when nothing fits.
     """
-    job = job_from_config(cfg, model_config, tokens)
+    job = job_from_config(cfg, model_config, tokens, micro_batches=micro_batches)
     L = job.model.num_layers
     if cfg.train.plan == "auto" and not cfg.deepspeed.config:
         plan = make_plan(job, gpu_budget, host_budget)
@@ -1131,8 +1264,8 @@ def auto_plan(cfg: "Config", lengths: Sequence[int] | None) -> None:
     if cfg.train.plan == "auto" and cfg.deepspeed.config:
         print("chatft: plan: a DeepSpeed JSON sets ZeRO and offload; planning recomputation only",
               file=sys.stderr)
-    tokens = token_budget(cfg, lengths)
-    plan, changes = apply_plan(cfg, model_config_for(cfg), tokens, gpu_budget, host_budget)
+    tokens, m = micro_batch_layout(cfg, lengths)
+    plan, changes = apply_plan(cfg, model_config_for(cfg), tokens, gpu_budget, host_budget, m)
     rec = plan.recommended
     assert rec is not None
     L = plan.job.model.num_layers
@@ -1148,11 +1281,12 @@ def auto_plan(cfg: "Config", lengths: Sequence[int] | None) -> None:
 
 
 def out_of_memory_message(cfg: "Config", error_text: str, *, device: str, gpus: int, tokens: int,
-                          model_config: Any, gpu_budget: int, host_budget: int) -> str:
+                          model_config: Any, gpu_budget: int, host_budget: int,
+                          micro_batches: int | None = None) -> str:
     """What a process says when the GPU ran out: what ran out, what the planner predicted for
     this configuration, and what it recommends for this machine instead."""
     first = error_text.strip().splitlines()[0] if error_text.strip() else "out of memory"
-    job = job_from_config(cfg, model_config, tokens, gpus)
+    job = job_from_config(cfg, model_config, tokens, gpus, micro_batches)
     L = job.model.num_layers
     current = current_strategy(cfg, L)
     now = estimate(job, current)
@@ -1185,10 +1319,11 @@ def explain_out_of_memory(cfg: "Config", lengths: Sequence[int] | None = None) -
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         gpu_budget, host_budget, _ = detected_budgets()
         try:
+            tokens, m = micro_batch_layout(cfg, lengths)
             message = out_of_memory_message(cfg, str(e), device=str(device), gpus=cfg.world_size,
-                                            tokens=token_budget(cfg, lengths),
-                                            model_config=model_config_for(cfg),
-                                            gpu_budget=gpu_budget, host_budget=host_budget)
+                                            tokens=tokens, model_config=model_config_for(cfg),
+                                            gpu_budget=gpu_budget, host_budget=host_budget,
+                                            micro_batches=m)
         except ChatftError as why:  # the advice itself failed: still say what ran out
             message = f"out of GPU memory on {device} ({str(e).splitlines()[0]}); no plan: {why}"
         raise ChatftError(message) from None
