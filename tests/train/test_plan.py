@@ -19,10 +19,11 @@ import torch
 from chatft.config import load_config
 from chatft.errors import ChatftError
 from chatft.train.plan import (GIB, Calibration, DeepSpeedSizes, Job, Measurement, ModelShape,
-                               Strategy, activation_peak_bytes, apply_plan, estimate,
+                               Strategy, _gpu_states, activation_peak_bytes, apply_plan, estimate,
                                explain_out_of_memory, fewest_checkpoint_layers, fit_calibration,
-                               format_plan, layer_activation_bytes, make_plan,
-                               out_of_memory_message, parse_size, plan_to_json, token_budget)
+                               format_plan, job_from_config, layer_activation_bytes, loss_bytes,
+                               make_plan, micro_batch_layout, out_of_memory_message, parse_size,
+                               plan_to_json, token_budget)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,6 +42,10 @@ TINY = ModelShape(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2
 TINY_P = 1736
 SMALL_DS = DeepSpeedSizes(reduce_bucket_size=1000, prefetch_bucket_size=100,
                           max_live_parameters=10_000, sub_group_size=10_000)
+#: Round constants for hand arithmetic (the fitted defaults are checked against measurements
+#: in test_plan_calibration.py): 1 GiB fixed, activations as counted, 3 GiB per host process.
+ROUND = Calibration(activation_factor=1.0, gpu_fixed_gib=1.0, context_gib=0.5, comm_gib=1.0,
+                    host_process_gib=3.0, host_launcher_gib=1.0)
 
 
 def test_parameter_counts_by_hand():
@@ -74,44 +79,52 @@ def test_parameter_inventory_matches_transformers(kind):
 def test_model_states_exact_bytes_per_strategy():
     P = TINY_P
     job = Job(TINY, tokens=64, gpus=1, deepspeed=SMALL_DS, export=False, pretrained=False)
-    plain = estimate(job, Strategy("torch"))
+    plain = estimate(job, Strategy("torch"), ROUND)
     parts = plain.gpu_parts
     assert {k: parts[k] for k in ("bf16 weights", "bf16 grads", "fp32 masters", "Adam moments")} == \
         {"bf16 weights": 2 * P, "bf16 grads": 2 * P, "fp32 masters": 4 * P, "Adam moments": 8 * P}
     assert plain.gpu_phase.startswith("forward/backward")
     # with one token the optimizer step is the peak: + one chunk of fp32 gradients (4 x 1664 B)
-    one = estimate(replace(job, tokens=1), Strategy("torch"))
+    one = estimate(replace(job, tokens=1), Strategy("torch"), ROUND)
     assert one.gpu_phase == "optimizer step" and one.gpu_parts["fp32 grad chunk"] == 4 * 1664
-    assert one.gpu_bytes == 16 * P + 4 * 1664 + GIB  # + the fixed 1 GiB (CUDA context etc.)
+    assert one.gpu_bytes == 16 * P + 4 * 1664 + GIB  # + the fixed 1 GiB
+    # the CUDA context is outside the allocator's peak, inside what the GPU must hold
+    assert one.gpu_device_bytes == one.gpu_bytes + GIB // 2
 
-    # ZeRO-2 on 2 GPUs: whole bf16 weights, everything else halved, two reduce buckets.
-    z2 = estimate(replace(job, gpus=2), Strategy("deepspeed", 2))
-    assert {k: v for k, v in z2.gpu_parts.items() if k not in ("activations", "CUDA context etc.")} == \
+    # ZeRO-2 on 2 GPUs: whole bf16 weights, everything else halved, two reduce buckets; NCCL's
+    # buffers are outside the allocator too.
+    z2 = estimate(replace(job, gpus=2), Strategy("deepspeed", 2), ROUND)
+    assert {k: v for k, v in z2.gpu_parts.items() if k not in ("activations", "fixed")} == \
         {"weights": 2 * P, "grad partition": P, "fp32 masters": 2 * P, "Adam moments": 4 * P,
          "reduce buckets": 2 * 2 * 1000}
+    assert z2.gpu_outside_bytes == GIB // 2 + GIB
 
     # ZeRO-3 with everything offloaded, 1 GPU: the GPU keeps a reduce bucket, the gathered
     # parameters (all 1736 < max live) and one module's full gradient (the 32x8 embedding);
     # the host keeps 20 bytes per parameter, 8 of them pinned.
-    z3 = estimate(job, Strategy("deepspeed", 3, True, True))
-    assert {k: v for k, v in z3.gpu_parts.items() if k not in ("activations", "CUDA context etc.")} == \
-        {"weight partition": 0, "reduce bucket": 2000, "gathered params": 2 * P, "module grads": 2 * 256}
+    z3 = estimate(job, Strategy("deepspeed", 3, True, True), ROUND)
+    # ... and, in the backward pass, the embedding's gradient partition copied back from the
+    # host (2 x 256) and upcast to fp64 for its norm (8 x 256).
+    assert {k: v for k, v in z3.gpu_parts.items() if k not in ("activations", "fixed")} == \
+        {"weight partition": 0, "reduce bucket": 2000, "gathered params": 2 * P, "module grads": 2 * 256,
+         "grad partition copy": 2 * 256, "grad norm chunk (fp64)": 8 * 256}
     assert z3.host_parts["offloaded states"] == 20 * P
     assert z3.host_pinned_bytes == 8 * P
     # ZeRO-2 + offload: masters 4 + bf16 copy 2 + fp32 grads 4 (pinned) + Adam 8 + 2E staging
-    z2o = estimate(job, Strategy("deepspeed", 2, offload_optimizer=True))
+    z2o = estimate(job, Strategy("deepspeed", 2, offload_optimizer=True), ROUND)
+    assert z2o.gpu_parts["grad norm (fp64)"] == 8 * 256  # lm_head's gradient in fp64
     assert z2o.host_parts["offloaded states"] == 18 * P + 2 * 256
     assert z2o.host_pinned_bytes == 10 * P + 2 * 256
 
     # Host phases with a pretrained load and the export (3 GiB per process baseline): loading
     # holds the bf16 model (2P); the export copies bf16 weights (2P) while the engine's
-    # offloaded states live, then builds the folder's model from them (another 2P).
+    # offloaded states live, then writes the folder and reloads it to check it (another 2P).
     full = replace(job, pretrained=True, export=True)
-    e = estimate(full, Strategy("torch"))
+    e = estimate(full, Strategy("torch"), ROUND)
     assert (e.host_phase, e.host_bytes) == ("export write", 3 * GIB + 4 * P)
-    e = estimate(full, Strategy("deepspeed", 3, True, True))
+    e = estimate(full, Strategy("deepspeed", 3, True, True), ROUND)
     assert (e.host_phase, e.host_bytes) == ("export", 3 * GIB + 22 * P)
-    assert estimate(replace(full, export=False), Strategy("torch")).host_bytes == 3 * GIB + 2 * P
+    assert estimate(replace(full, export=False), Strategy("torch"), ROUND).host_bytes == 3 * GIB + 2 * P
 
 
 def test_activations_by_hand():
@@ -134,6 +147,46 @@ def test_activations_by_hand():
     assert activation_peak_bytes(job, 1, True) == (64 * 464 + one + head + mask + loss, "backward start")
     # all recomputed: the peak moves to rematerializing a layer (after the loss is freed)
     assert activation_peak_bytes(job, 2, True) == (2 * one + mask + 64 * 464 + work, "recompute")
+
+
+def test_varlen_saves_repeated_kv_unless_the_kernel_takes_grouped_heads():
+    job = Job(TINY, tokens=64)
+    # No mask; where torch's varlen kernel has no enable_gqa, chatft repeats k/v per query head
+    # and autograd saves them so: SDPA's 464 bytes less the mask's 128 (measured on an H200:
+    # varlen's peak was SDPA's less the mask). With grouped heads: flex's 320.
+    assert layer_activation_bytes(replace(job, attention="varlen")) == 64 * (464 - 128)
+    assert layer_activation_bytes(replace(job, attention="varlen", varlen_takes_gqa=True)) == 64 * 320
+
+
+def test_fused_loss_counts_lm_head_gradient_once():
+    # Liger's loss over T = 64 rows: its input's gradient 2*64*8, a logits chunk of
+    # 2^ceil(log2(64 / ceil(32/8))) = 16 rows x 32 x 2 bytes, and lm_head's gradient 2*32*8
+    # when that gradient is a tensor of its own.
+    job = Job(TINY, tokens=64, fused_kernels=True, loss="fused", deepspeed=SMALL_DS)
+    assert loss_bytes(job, False) == 2 * 64 * 8 + 2 * 16 * 32
+    assert loss_bytes(job, True) == 2 * 64 * 8 + 2 * 16 * 32 + 2 * 32 * 8
+    # Whole gradients (plain, ZeRO-1) are model states: a second lm_head gradient exists only
+    # while earlier micro-batches' is being accumulated into. ZeRO-2's whole gradients pass
+    # through buckets, so it is always separate; ZeRO-3 counts it as its "module grads".
+    for strategy, m, separate in ((Strategy("torch"), 1, False), (Strategy("torch"), 3, True),
+                                  (Strategy("deepspeed", 1), 1, False),
+                                  (Strategy("deepspeed", 1), 2, True),
+                                  (Strategy("deepspeed", 2), 1, True),
+                                  (Strategy("deepspeed", 3), 2, False)):
+        states = _gpu_states(replace(job, micro_batches=m), strategy)
+        assert states.head_grad_separate == separate, (strategy, m)
+    assert _gpu_states(job, Strategy("deepspeed", 3)).resident["module grads"] == 2 * 32 * 8
+
+
+def test_planned_attention_is_what_the_gpu_engine_will_use():
+    from chatft.model.attention import varlen_takes_gqa
+    from chatft.model.build import resolve_attention
+
+    job = job_from_config(load_config(None, []), QWEN2_7B, 4096)
+    assert job.attention == resolve_attention("auto", torch.device("cuda"))
+    assert job.varlen_takes_gqa == (job.attention == "varlen" and varlen_takes_gqa())
+    assert job_from_config(load_config(None, ["--attn_implementation", "sdpa"]), QWEN2_7B,
+                           4096).attention == "sdpa"
 
 
 def _saved_bytes_per_layer(attn: str, checkpointing: bool, T: int = 96) -> tuple[int, ModelShape]:
@@ -332,7 +385,7 @@ def test_recommendation_is_the_fastest_that_fits():
         assert plan.recommended.relative_speed == max(r.relative_speed for r in fitting)
         assert max(r.relative_speed for r in plan.rows) == pytest.approx(1.0)
         for r in plan.rows:
-            assert r.fits_gpu == (r.estimate.gpu_bytes <= 0.95 * gpu * GIB)
+            assert r.fits_gpu == (r.estimate.gpu_device_bytes <= 0.95 * gpu * GIB)
         if gpus > 1:
             assert all(r.strategy.backend == "deepspeed" for r in plan.rows)
     # one H200: plain PyTorch with recomputation of some layers beats offloading
@@ -383,12 +436,35 @@ def test_fit_reproduces_synthetic_measurements():
     assert one.activation_factor == pytest.approx(1.23, rel=1e-9) and one.gpu_fixed_gib == 2.5
 
 
+def test_fit_keeps_the_fixed_part_at_zero_or_above():
+    truth = Calibration(activation_factor=1.1, gpu_fixed_gib=0.0)
+    rows = []
+    for tokens in (1024, 4096, 8192):
+        job = Job(SEVEN_B, tokens=tokens)
+        e = estimate(job, Strategy("torch"), truth)
+        rows.append(Measurement(job, Strategy("torch"), e.gpu_gib))
+    # the smallest run measured 1 GiB lower: the unconstrained line would cross below zero
+    rows[0] = replace(rows[0], gpu_gib=rows[0].gpu_gib - 1.0)
+    fitted = fit_calibration(rows)
+    assert fitted.gpu_fixed_gib == 0.0
+    # the line through the origin, weighted by 1/measured^2, from the activations themselves
+    acts = [estimate(r.job, r.strategy, replace(truth, activation_factor=1.0)).gpu_parts["activations"] / GIB
+            for r in rows]
+    states = [estimate(r.job, r.strategy, truth).gpu_gib - 1.1 * a for r, a in zip(rows, acts)]
+    w = [1 / r.gpu_gib ** 2 for r in rows]
+    expect = sum(wi * a * (r.gpu_gib - st) for wi, a, r, st in zip(w, acts, rows, states)) / \
+        sum(wi * a * a for wi, a in zip(w, acts))
+    assert fitted.activation_factor == pytest.approx(expect, rel=1e-6) and expect < 1.1
+
+
 def test_token_budget_from_config_and_from_data():
     cfg = load_config(None, ["--per_device_train_batch_size", "4", "--max_length", "1000"])
     assert token_budget(cfg) == 4032  # 4 x 1000, up to a multiple of 64
     capped = load_config(None, ["--per_device_train_batch_size", "8", "--max_length", "1000",
                                 "--micro_batch_tokens", "2000"])
     assert token_budget(capped) == 3008  # cap + one more sample at most
+    # micro-batches without the lengths: 8 samples of up to 1000 tokens over a 2000 cap
+    assert micro_batch_layout(capped) == (3008, 4)
     # from lengths: the largest bin over the run equals a brute-force replay of the loop's planner
     from chatft.train.batching import plan_step
 
@@ -403,6 +479,15 @@ def test_token_budget_from_config_and_from_data():
                           step_in_epoch=step % 5, world_size=2, rank=rank, accumulation=2)
             worst = max([worst] + [int(lengths[mb].sum()) for mb in p.micro_batches if mb])
     assert token_budget(cfg, lengths) == -(-worst // 64) * 64
+    # under a token cap the micro-batch count is the most any step needs
+    capped = load_config(None, ["--per_device_train_batch_size", "6", "--nproc", "2",
+                                "--micro_batch_tokens", "300", "--max_length", "300",
+                                "--num_train_epochs", "2"])
+    most = max(len(plan_step(lengths, trained, global_batch=12, seed=capped.train.seed,
+                             epoch=step // 5, step_in_epoch=step % 5, world_size=2, rank=0,
+                             accumulation=1, micro_batch_tokens=300).micro_batches)
+               for step in range(10))
+    assert most > 1 and micro_batch_layout(capped, lengths)[1] == most
 
 
 def test_plan_auto_applies_the_recommendation():

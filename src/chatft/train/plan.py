@@ -24,10 +24,11 @@ read from its source):
   at the step (4P). Stage >= 1 partitions the fp32 masters (4P/N) and Adam (8P/N); stage 1/2
   build an fp32 gradient partition at the step (4P/N; before it, each gradient slice's norm is
   taken in fp64, 8 x min(E, P/N), the larger when N > P/2E); stage 2 keeps the bf16 gradient
-  partition (2P/N) instead of whole gradients; stage 3 also partitions the bf16 parameters (2P/N) and
-  gathers a working set (``stage3_max_live_parameters + stage3_prefetch_bucket_size`` elements,
-  plus the full gradient of one module, 2E, before it is reduced). Reduce buckets: stage 1/2
-  two of ``reduce_bucket_size`` elements (``overlap_comm`` double-buffers), stage 3 one.
+  partition (2P/N) instead of whole gradients; stage 3 also partitions the bf16 parameters
+  (2P/N) and gathers a working set (``stage3_max_live_parameters +
+  stage3_prefetch_bucket_size`` elements, plus the full gradient of one module, 2E, before it
+  is reduced). Reduce buckets: stage 1/2 two of ``reduce_bucket_size`` elements
+  (``overlap_comm`` double-buffers), stage 3 one.
 * ``offload_optimizer cpu`` moves masters, Adam and gradients to the host: stage 1/2 hold
   fp32 masters 4P/N + a bf16 parameter copy 2P/N + fp32 gradients 4P/N (pinned) + Adam 8P/N
   + a pinned 2E staging buffer (the GPU keeps a 2E one too); stage 3 holds masters 4P/N + Adam

@@ -1,0 +1,76 @@
+"""The planner's committed calibration against the peaks measured on H200
+(bench/results/plan_measurements_h200.json): every run within ±15%, the defaults equal to the
+refit, and the stored token budgets equal to what ``chatft plan`` derives from the data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from chatft.bench.plan_calibration import (DEFAULT_RUNS, TOLERANCE, evaluate, job_and_strategy,
+                                           load_measurements, main, outside_allocator_gib, refit,
+                                           rounded)
+from chatft.train.plan import DEFAULT_CALIBRATION
+
+
+@pytest.fixture(scope="module")
+def measured():
+    ms = load_measurements(DEFAULT_RUNS)
+    return ms, {r.id: job_and_strategy(ms, r) for r in ms.runs}
+
+
+def test_committed_calibration_reproduces_every_measured_run(measured):
+    ms, jobs = measured
+    assert len(ms.runs) == 10
+    rows = {r["id"]: r for r in evaluate(ms, jobs, DEFAULT_CALIBRATION)}
+    for run in ms.runs:
+        row = rows[run.id]
+        assert abs(row["gpu_error"]) <= TOLERANCE, (run.id, row["gpu_predicted_gib"], run.gpu_gib)
+        if run.host_gib is not None and run.host_in_fit:
+            assert abs(row["host_error"]) <= TOLERANCE, (run.id, row["host_predicted_gib"], run.host_gib)
+    # the runs span what the planner models: plain and every DeepSpeed mode measured, 1 and 4 GPUs
+    kinds = {(j.gpus, s.backend, s.zero_stage, s.offload_optimizer, s.offload_param)
+             for j, s in jobs.values()}
+    assert kinds == {(1, "torch", 0, False, False), (4, "deepspeed", 2, False, False),
+                     (4, "deepspeed", 3, False, False), (1, "deepspeed", 2, True, False),
+                     (1, "deepspeed", 3, True, True)}
+
+
+def test_a_known_run_by_hand(measured):
+    # 4 H200, ZeRO-2, 2,496 tokens: bf16 weights 2P, a quarter of the bf16 gradients, fp32
+    # masters and Adam moments (14 bytes/4 per parameter), two 5e8-element bf16 buckets.
+    ms, jobs = measured
+    job, strategy = jobs["4gpu_zero2_sdpa_none_3epochs"]
+    P = 7_615_616_512
+    assert (job.model.n_params, job.tokens, job.gpus, strategy.zero_stage) == (P, 2496, 4, 2)
+    e = next(r for r in evaluate(ms, jobs, DEFAULT_CALIBRATION) if r["id"] == "4gpu_zero2_sdpa_none_3epochs")
+    states = (2 * P + 2 * P / 4 + 12 * P / 4 + 2 * 2 * 500_000_000) / 2**30
+    parts = e["gpu_parts_gib"]
+    assert sum(v for k, v in parts.items() if k not in ("activations", "fixed")) == \
+        pytest.approx(states, abs=0.01)
+    assert e["gpu_measured_gib"] == 53.453
+
+
+def test_defaults_are_the_refit(measured):
+    ms, jobs = measured
+    assert asdict(rounded(refit(ms, jobs))) == asdict(DEFAULT_CALIBRATION)
+    context, comm = outside_allocator_gib(ms.runs)
+    # nvidia-smi's used memory minus torch's reserved: 0.64-0.75 GiB alone, 2.05 with NCCL
+    assert 0.6 < context < 0.8 and 1.0 < comm < 1.5
+
+
+def test_stored_token_budgets_are_chatft_plans_and_the_script_reports(tmp_path, huanhuan_path,
+                                                                      qwen_tiktoken, capsys):
+    out = tmp_path / "result.json"
+    rc = main(["--shared", str(qwen_tiktoken.parents[1]), "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(printed[-1])
+    assert last["all_within_tolerance_current"] and last["max_abs_gpu_error_current"] <= TOLERANCE
+    assert printed[0].split()[:3] == ["run", "tokens", "mb"]
+    result = json.loads(out.read_text())
+    assert [r["tokens_match_stored"] for r in result["runs"]] == [True] * 10
+    assert result["measurements"]["hardware"]["gpu"] == "NVIDIA H200"
+    assert result["command"].startswith("python bench/plan_calibration.py")
