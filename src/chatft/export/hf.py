@@ -61,13 +61,16 @@ def compare_logits(reference: torch.Tensor, reloaded: torch.Tensor, tol: float) 
 
 
 def generation_config(base, tokenizer, eot_id: int):
-    """The base model's generation settings, stopping on the end-of-turn token (and eos)."""
+    """The base model's generation settings, stopping on the end-of-turn token as well as
+    every eos the base model or tokenizer knows (Qwen-1: <|im_end|> and <|endoftext|>)."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
-    stops = [eot_id]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(tokenizer.eos_token_id)
+    base_stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    stops = [eot_id]  # the end-of-turn token first, then the base model's and tokenizer's eos
+    for tok_id in [*base_stops, tokenizer.eos_token_id]:
+        if tok_id is not None and tok_id not in stops:
+            stops.append(tok_id)
     gen.eos_token_id = stops
     gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     return gen
