@@ -153,3 +153,15 @@ def test_tutorial_deepspeed_json_runs_unchanged_with_cpu_offload(tmp_path, tiny_
     # linearly towards 0 at total_num_steps = 3: at iteration 1, 1e-3 * (3 - 1) / (3 - 1).
     lrs = [r["lr"] for r in metrics(out) if "lr" in r]
     assert lrs == pytest.approx([0.0, 0.0, 1e-3])
+
+
+def test_fp16_with_loss_scaling_and_tensorboard(tmp_path, tiny_qwen2_dir, huanhuan_small):
+    """fp16 on the plain engine (autocast + dynamic loss scaling) trains and exports; the
+    TensorBoard writer records the run."""
+    out = tmp_path / "fp16"
+    run_chatft("train", "--model", tiny_qwen2_dir, "--data", huanhuan_small, "--output_dir", out,
+               "--max_steps", "3", "--per_device_train_batch_size", "8", "--precision", "fp16",
+               "--learning_rate", "1e-3", "--report_to", "tensorboard")
+    assert len(step_losses(out)) == 3
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "final" / "model.safetensors").is_file()
