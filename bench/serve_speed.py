@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -27,6 +25,9 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+from chatft.bench import environment
+from chatft.bench.train_speed import percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = [
@@ -55,12 +56,6 @@ def start_server(model_dir: str, device: str, dtype: str, max_batch_size: int
             return proc, url, log
     proc.wait()
     sys.exit("the server did not start:\n" + "".join(log))
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, question: str,
@@ -121,25 +116,6 @@ async def run_level(url: str, concurrency: int, n_requests: int, args: argparse.
             "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in results), 1)}
 
 
-def hardware(device: str) -> dict:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    hw = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-          "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name(0)
-        hw["gpu_count"] = torch.cuda.device_count()
-    return hw
-
-
 def model_summary(folder: Path) -> dict:
     """Shape facts from config.json (enough to tell a 135M model from a 7B one)."""
     cfg = json.loads((folder / "config.json").read_text())
@@ -147,18 +123,6 @@ def model_summary(folder: Path) -> dict:
             "num_key_value_heads", "vocab_size", "max_position_embeddings", "torch_dtype", "dtype")
     out = {k: cfg[k] for k in keys if k in cfg}
     out["weights_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    return out
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "chatft", "aiohttp"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
     return out
 
 
@@ -181,7 +145,7 @@ def main() -> None:
 
     label = args.label or f"{args.device.replace(':', '')}_{Path(args.model_dir).name}"
     levels = [int(c) for c in args.concurrency.split(",")]
-    hw = hardware(args.device)
+    hw = environment.hardware(args.device)
     proc, url, log = start_server(args.model_dir, args.device, args.dtype, args.max_batch_size)
     try:
         warm = argparse.Namespace(**{**vars(args), "max_tokens": 8})
@@ -214,7 +178,7 @@ def main() -> None:
                      "temperature": args.temperature, "top_p": args.top_p,
                      "max_batch_size": args.max_batch_size, "ignore_eos": True,
                      "streaming": True},
-        "versions": versions(), "hardware": hw,
+        "versions": environment.versions(("aiohttp",)), "hardware": hw,
         "server_stats": health,
         "levels": rows,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

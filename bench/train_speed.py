@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -31,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 sys.path.insert(0, str(SRC))  # this checkout's chatft, installed or not
 
+from chatft.bench import environment  # noqa: E402
 from chatft.bench import train_speed as ts  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -72,59 +72,6 @@ def expand_variants(spec: str) -> list[str]:
             if v not in out:
                 out.append(v)
     return out
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "deepspeed", "accelerate", "liger-kernel", "chatft"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    import torch
-
-    out["cuda"] = torch.version.cuda
-    try:
-        out["git_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                                           capture_output=True, text=True,
-                                           check=False).stdout.strip() or None
-    except OSError:
-        out["git_commit"] = None
-    return out
-
-
-def host_memory_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def hardware() -> dict:
-    import torch
-
-    cpu = platform.processor() or ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    hw = {"cpu": cpu, "cpu_cores": os.cpu_count(),
-          "host_memory_gib": round(host_memory_bytes() / ts.GIB, 1),
-          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    if torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name(0)
-        hw["gpus_visible"] = torch.cuda.device_count()
-        hw["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / ts.GIB, 1)
-        try:
-            hw["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10,
-                check=False).stdout.split("\n")[0].strip() or None
-        except (OSError, subprocess.TimeoutExpired):
-            hw["driver"] = None
-    return hw
 
 
 def add_speedups(rows: dict[str, dict], ref_tps: float | None, basis: str | None) -> None:
@@ -291,7 +238,9 @@ def main() -> int:
                      "tutorial_max_length": ts.TUTORIAL_MAX_LENGTH,
                      "tutorial_ds_config": ts.TUTORIAL_DS_CONFIG,
                      "tutorial_launch_line": ts.TUTORIAL_LAUNCH},
-        "reference_1xh200": ref, "prep": prep, "versions": versions(), "hardware": hardware(),
+        "reference_1xh200": ref, "prep": prep,
+        "versions": environment.versions(("deepspeed", "accelerate", "liger-kernel")),
+        "hardware": environment.hardware("cuda" if cuda else "cpu", gpu_count_key="gpus_visible"),
         "workdir": str(workdir), "rows": [],
     }
 
@@ -310,10 +259,11 @@ def main() -> int:
             skip = ts.ablation_skip_reason(name, cpu_smoke)
         if name == "tutorial" and not args.force:
             need = ts.tutorial_host_memory_needed(params)
-            if need > 0.95 * host_memory_bytes():
+            host = environment.host_memory_bytes()
+            if need > 0.95 * host:
                 skip = (f"the recipe needs ~{need / ts.GIB:.0f} GiB of host memory (141 GiB "
-                        f"measured for 7B), this machine has "
-                        f"{host_memory_bytes() / ts.GIB:.0f} GiB; --force runs it")
+                        f"measured for 7B), this machine has {host / ts.GIB:.0f} GiB; "
+                        f"--force runs it")
         if skip:
             row = {"variant": name, "status": "skipped", "reason": skip}
         elif name == "tutorial":

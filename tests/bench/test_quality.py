@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import chatft
+from chatft.bench import environment
 from chatft.bench import quality as q
+from tests.train.conftest import tiny_qwen2_dir  # noqa: F401  (fixture)
 
 # --------------------------------------------------------------------------- persona check
 
@@ -147,26 +150,8 @@ def test_acceptance_checks():
 
 # --------------------------------------------------------------------------- end to end
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, qwen_tokenizer) -> Path:
-    """A random 2-layer Qwen2 (width 32) with the real Qwen tokenizer and chat template."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-quality-model")
-    cfg = Qwen2Config(vocab_size=len(qwen_tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=True,
-                      eos_token_id=qwen_tokenizer.eos_token_id,
-                      pad_token_id=qwen_tokenizer.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
-    qwen_tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_run_benchmark_end_to_end(tmp_path, tiny_model_dir, huanhuan_path):
-    opts = q.QualityOptions(model=str(tiny_model_dir), data=str(huanhuan_path),
+def test_run_benchmark_end_to_end(tmp_path, tiny_qwen2_dir, huanhuan_path):
+    opts = q.QualityOptions(model=str(tiny_qwen2_dir), data=str(huanhuan_path),
                             variants=("reference_hp",), epochs=1, limit=20, device="cpu",
                             runs_dir=tmp_path / "runs", command="test")
     result = q.run_benchmark(opts)
@@ -184,6 +169,9 @@ def test_run_benchmark_end_to_end(tmp_path, tiny_model_dir, huanhuan_path):
     assert "--per_device_train_batch_size 16" in v["command"]
     assert (Path(v["output_dir"]) / "final" / "config.json").is_file()
     assert result["checks"]["applicable"] is False
+    assert result["versions"]["chatft"] == chatft.__version__
+    assert result["versions"]["git_commit"] == environment.git_commit()
+    assert result["hardware"]["cpu_cores"] and "gpu_count_visible" not in result["hardware"]
     report = q.format_report(result)
     assert report.splitlines()[1].startswith("reference_hp")
     for a in v["answers"]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import chatft
+from chatft.bench import environment
 from chatft.bench import qwen1 as bq
 from chatft.model import qwen1
 from chatft.model.qwen1 import expected_shapes, iter_converted_tensors, qwen2_config_from_qwen1
@@ -212,6 +214,11 @@ def test_tiny_end_to_end_on_cpu(tmp_path, huanhuan_path, qwen_tiktoken):
     assert json.loads(res.stdout.strip().splitlines()[-1]) == result  # last line: the JSON
     assert "tok/s" in res.stdout and "convert" in res.stdout
     assert result["complete"] and result["model"]["weights"] == "random"
+    assert result["versions"]["chatft"] == chatft.__version__
+    assert result["versions"]["git_commit"] == environment.git_commit()
+    assert {"accelerate", "safetensors", "cuda"} <= set(result["versions"])
+    hw = result["hardware"]
+    assert hw["host_memory_gib"] > 0 and hw["workdir_disk_free_gib_at_start"] > 0
     p = result["phases"]
     assert all(p[k]["status"] == "ok" for k in ("write", "convert", "train", "reload"))
     assert p["write"]["n_params"] == bq.n_params(bq.TINY) == result["model"]["n_params"]

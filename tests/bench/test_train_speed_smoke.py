@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from chatft import __version__ as chatft_version
+from chatft.bench import environment
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -31,6 +34,10 @@ def test_cpu_smoke_runs_both_variants_and_writes_the_result(tmp_path, huanhuan_p
     assert json.loads(res.stdout.strip().splitlines()[-1]) == result  # last line: the JSON
     assert "tok/s/GPU" in res.stdout and "tutorial" in res.stdout
     assert result["complete"] and result["cpu_smoke"] and result["model"]["weights"] == "random"
+    assert result["versions"]["chatft"] == chatft_version
+    assert result["versions"]["git_commit"] == environment.git_commit()
+    assert {"deepspeed", "accelerate", "liger-kernel", "cuda"} <= set(result["versions"])
+    assert result["hardware"]["host_memory_gib"] > 0 and "cuda_visible_devices" in result["hardware"]
     tutorial, chatft = result["rows"]
     assert (tutorial["variant"], chatft["variant"]) == ("tutorial", "chatft")
     for row in (tutorial, chatft):

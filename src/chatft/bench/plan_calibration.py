@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from chatft.bench import environment
 from chatft.train.plan import (DEFAULT_CALIBRATION, GIB, Calibration, Job, Measurement, Strategy,
                                current_strategy, data_lengths, estimate, fit_calibration,
                                job_from_config, micro_batch_layout)
@@ -179,24 +178,6 @@ class CalibrationOptions:
     out: Path = RESULTS / "plan_calibration_h200.json"
 
 
-def _versions() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, Any] = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "deepspeed", "chatft"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    try:
-        out["git_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                                           capture_output=True, text=True,
-                                           check=False).stdout.strip() or None
-    except OSError:
-        out["git_commit"] = None
-    return out
-
-
 def run_calibration(opts: CalibrationOptions, command: str) -> dict[str, Any]:
     ms = load_measurements(opts.runs)
     layouts: dict[str, tuple[int, int]] = {}
@@ -236,7 +217,7 @@ def run_calibration(opts: CalibrationOptions, command: str) -> dict[str, Any]:
                          else str(opts.runs),
                          **{k: ms.meta[k] for k in ("hardware", "versions", "kernels", "excluded")
                             if k in ms.meta}},
-        "versions": _versions(),
+        "versions": environment.versions(("deepspeed",)),
         "tolerance": TOLERANCE,
         "calibration_current": asdict(DEFAULT_CALIBRATION),
         "calibration_refitted": asdict(fitted),

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -42,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from chatft.bench import environment
 
 #: The system prompt of the huanhuan tutorial; training records get it and questions use it.
 SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛."
@@ -459,37 +460,6 @@ def acceptance_checks(variants: list[dict[str, Any]], is_acceptance_setup: bool)
     return out
 
 
-def versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "deepspeed", "chatft", "liger-kernel"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def hardware(device: str) -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    hw: dict[str, Any] = {"cpu": cpu, "cpu_cores": os.cpu_count(),
-                          "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-    if device == "cuda":
-        hw["gpu"] = torch.cuda.get_device_name(0)
-        hw["gpu_count_visible"] = torch.cuda.device_count()
-    return hw
-
-
 def run_benchmark(opts: QualityOptions) -> dict[str, Any]:
     """Check the split, train every variant, ask every model; returns the result record."""
     from chatft.errors import ChatftError
@@ -501,7 +471,7 @@ def run_benchmark(opts: QualityOptions) -> dict[str, Any]:
         raise ChatftError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     device = resolve_device(opts.device)
     precision = opts.precision if opts.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
-    hw = hardware(device)
+    hw = environment.hardware(device, gpu_count_key="gpu_count_visible")
     data_src = Path(opts.data) if opts.data else default_data_path()
     if not data_src.is_file():
         raise ChatftError(f"data file not found: {data_src} (pass --data or set CHATFT_SHARED)")
@@ -543,7 +513,7 @@ def run_benchmark(opts: QualityOptions) -> dict[str, Any]:
                                   "min_cjk_share": MIN_CJK_SHARE},
         },
         "held_out": split,
-        "versions": versions(), "hardware": hw,
+        "versions": environment.versions(("deepspeed", "liger-kernel")), "hardware": hw,
         "base_model_answers": base_answers,
         "variants": results,
         "reference": REFERENCE,

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from chatft.bench.quality import hardware as _base_hardware, versions as _base_versions
+from chatft.bench import environment
 from chatft.bench.train_speed import (GIB, PEAK_FLOPS, TUTORIAL_SYSTEM, ProcessTreeSampler,
                                       read_metrics, step_stats)
 
@@ -571,39 +571,13 @@ def _child_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def versions() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    out = dict(_base_versions())
-    for pkg in ("accelerate", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    out["cuda"] = torch.version.cuda
-    try:
-        out["git_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                                           capture_output=True, text=True,
-                                           check=False).stdout.strip() or None
-    except OSError:
-        out["git_commit"] = None
-    return out
-
-
 def hardware(device: str, workdir: Path) -> dict[str, Any]:
-    hw = dict(_base_hardware(device))
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            hw["host_memory_gib"] = round(int(line.split()[1]) * 1024 / GIB, 1)
+    """The machine (:func:`chatft.bench.environment.hardware`) and the disk under ``workdir``,
+    which holds the random folder, the converted one and the export (each ~15 GB for 7B)."""
+    hw = environment.hardware(device, gpu_count_key="gpu_count_visible")
     disk = shutil.disk_usage(workdir)
     hw["workdir_disk_total_gib"] = round(disk.total / GIB, 1)
     hw["workdir_disk_free_gib_at_start"] = round(disk.free / GIB, 1)
-    if device == "cuda":
-        import torch
-
-        hw["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 1)
     return hw
 
 
@@ -643,7 +617,8 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         "settings": {**asdict(settings), "backend": "torch", "peak_flops": PEAK_FLOPS,
                      "shards": opts.shards, "system": TUTORIAL_SYSTEM,
                      "question": opts.question, "max_new_tokens": opts.max_new_tokens},
-        "versions": versions(), "hardware": hardware(device, opts.workdir),
+        "versions": environment.versions(("deepspeed", "liger-kernel", "accelerate", "safetensors")),
+        "hardware": hardware(device, opts.workdir),
         "workdir": str(opts.workdir), "phases": {}, "deleted_before_training": [],
     }
     opts.out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatft.bench import environment
+
 GIB = 1 << 30
 #: Dense bf16 peak of one H200 (datasheet), the denominator of MFU.
 PEAK_FLOPS = 989e12
@@ -444,19 +446,8 @@ def rss_bytes(pid: int) -> int:
 
 def gpu_memory_used() -> dict[int, int] | None:
     """Memory in use on each GPU as the driver sees it (bytes by nvidia-smi index), or None."""
-    try:
-        res = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if res.returncode != 0:
-        return None
-    out = {}
-    for line in res.stdout.strip().splitlines():
-        idx, used = (s.strip() for s in line.split(","))
-        out[int(idx)] = int(used) * (1 << 20)
-    return out
+    rows = environment.nvidia_smi("index", "memory.used")
+    return None if rows is None else {int(idx): int(mib) << 20 for idx, mib in rows}
 
 
 class ProcessTreeSampler:
