@@ -18,20 +18,25 @@ TINY_QWEN2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
                   rms_norm_eps=1e-6, rope_theta=10000.0)
 
 
+def write_tiny_qwen2(folder: Path, tokenizer, **shape) -> Path:
+    """Save a random Qwen2ForCausalLM (seed 0) of ``shape`` (Qwen2Config fields) with Qwen's
+    full vocabulary and ``tokenizer`` (the real Qwen one, ChatML template) into ``folder``."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **shape)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory, qwen_tokenizer) -> Path:
     """A Qwen2ForCausalLM with 2 layers of width 32 and Qwen's full vocabulary, saved with the
     real Qwen tokenizer (ChatML template): a model folder like a user's, only tiny."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    cfg = Qwen2Config(vocab_size=len(qwen_tokenizer), eos_token_id=qwen_tokenizer.eos_token_id,
-                      pad_token_id=qwen_tokenizer.pad_token_id, bos_token_id=None, **TINY_QWEN2)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
-    qwen_tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), qwen_tokenizer, **TINY_QWEN2)
 
 
 @pytest.fixture(scope="session")
