@@ -238,20 +238,28 @@ def test_disconnected_streaming_client_is_cancelled(served):
     assert after["generated_tokens"] - before["generated_tokens"] < CONTEXT - 100
 
 
+async def _start_unread_request(url: str, payload: dict, what: str) -> asyncio.StreamWriter:
+    """POST ``payload`` to the chat endpoint on a bare socket whose answer is never read, and
+    return once the server runs the request (``what`` names it if that never happens). The
+    caller closes the returned writer to disconnect."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(payload).encode()
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                 + body)
+    await writer.drain()
+    await asyncio.to_thread(_wait_for, url, lambda h: h["running"] >= 1, what)
+    return writer
+
+
 def test_client_that_does_not_read_does_not_stall_others(served):
     """A streaming client that never reads its socket; other requests still finish."""
-    host, port = served.url.removeprefix("http://").split(":")
 
     async def main():
-        body = json.dumps({"messages": HI, "stream": True, "max_tokens": CONTEXT - 100,
-                           "ignore_eos": True}).encode()
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-                     + body)
-        await writer.drain()
-        await asyncio.to_thread(_wait_for, served.url, lambda h: h["running"] >= 1,
-                                "the silent request to start")
+        writer = await _start_unread_request(
+            served.url, {"messages": HI, "stream": True, "max_tokens": CONTEXT - 100,
+                         "ignore_eos": True}, "the silent request to start")
         c = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
         try:
             answers = await asyncio.gather(*(c.chat.completions.create(
@@ -272,18 +280,10 @@ def test_client_that_does_not_read_does_not_stall_others(served):
 
 
 def test_disconnected_non_streaming_client_is_cancelled(served):
-    host, port = served.url.removeprefix("http://").split(":")
-
     async def main():
-        body = json.dumps({"messages": HI, "max_tokens": CONTEXT - 100,
-                           "ignore_eos": True}).encode()
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-                     + body)
-        await writer.drain()
-        await asyncio.to_thread(_wait_for, served.url, lambda h: h["running"] >= 1,
-                                "the request to start")
+        writer = await _start_unread_request(
+            served.url, {"messages": HI, "max_tokens": CONTEXT - 100, "ignore_eos": True},
+            "the request to start")
         writer.close()
         await writer.wait_closed()
 
