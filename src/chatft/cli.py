@@ -43,8 +43,7 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_convert(args: argparse.Namespace, rest: list[str]) -> int:
     from chatft.model.qwen1 import convert_qwen1
 
-    if rest:
-        raise ChatftError(f"convert: unknown options: {' '.join(rest)}")
+    _no_extra("convert", rest)
     for line in convert_qwen1(args.src, args.dst, args.dtype).lines():
         print(line)
     return 0
@@ -129,8 +128,7 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     from chatft.export.hf import export_checkpoint
 
-    if rest:
-        raise ChatftError(f"chatft export: unexpected arguments {' '.join(rest)}")
+    _no_extra("export", rest)
     export_checkpoint(args.checkpoint, args.output, args.dtype)
     return 0
 
@@ -244,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("chatft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `chatft data inspect ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
