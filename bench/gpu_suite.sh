@@ -9,12 +9,18 @@
 #   bench/gpu_suite.sh extras      # SmolLM2 quality, ZeRO-2 + CPU offload epoch on 1 GPU,
 #                                  # Qwen-1 7B folder, serving a 7B export
 #
+# and, one after another on a one-GPU machine:
+#   bench/gpu_suite.sh speed_1gpu   # chatft's recommended 1-GPU setting: 3 epochs + export,
+#                                   # a 6-step row, and Liger off
+#   bench/gpu_suite.sh quality      # SmolLM2 quality, the three variants trained at once
+#   bench/gpu_suite.sh compile_1gpu # the torch.compile ablation
+#
 # Environment: CHATFT_SHARED (folder with data/huanhuan.json and assets/qwen.tiktoken),
 # WHEELS (optional folder of wheels to install offline: deepspeed, liger-kernel, gguf, ...),
 # SMOLLM2_GGUF (the SmolLM2 GGUF for `extras`), OUT (where logs.tar.gz goes; default /tmp).
 # Result files land in bench/results/ (and inside the tarball).
 set -u
-PHASE=${1:?phase: one_gpu | four_gpu | extras}
+PHASE=${1:?phase: one_gpu | four_gpu | extras | speed_1gpu | quality | compile_1gpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 W=${CHATFT_GPU_WORK:-/tmp/chatft-gpu}
@@ -111,6 +117,25 @@ extras)
       "$(ls -d "$W"/ts_4gpu/*/run/final 2>/dev/null | head -1)"
     lane varlen_1gpu 3 130 python3 bench/train_speed.py --gpus 1 --variants chatft,attn_varlen --steps 5 \
       --timeout 60 --label h200x1_varlen --workdir "$W/ts_varlen" ) &
+  finish ;;
+speed_1gpu)
+  lane chatft_e2e_1gpu 0 270 python3 bench/train_speed.py --gpus 1 --variants chatft_e2e \
+    --timeout 260 --label h200x1_chatft_e2e --workdir "$W/ts_e2e"
+  lane ablation_liger 0 250 python3 bench/train_speed.py --gpus 1 --variants chatft,liger_off \
+    --steps 6 --timeout 110 --label h200x1_liger --workdir "$W/ts_liger"
+  finish ;;
+quality)
+  # SmolLM2-135M leaves an H200 mostly idle: the variants train side by side.
+  lane quality 0 540 python3 bench/quality_smollm2.py --model-path "${SMOLLM2_GGUF}" --parallel \
+    --variants recommended,tutorial_hp,reference_hp --label h200x1 --runs-dir "$W/quality_runs"
+  for v in recommended tutorial_hp reference_hp; do
+    cp "$W/quality_runs/$v/bench_train.log" "$LOGS/quality_train_$v.log" 2>/dev/null
+    cp "$W/quality_runs/$v/metrics.jsonl" "$LOGS/quality_metrics_$v.jsonl" 2>/dev/null
+  done
+  finish ;;
+compile_1gpu)
+  lane ablation_compile 0 300 python3 bench/train_speed.py --gpus 1 --variants compile_on --warmup-steps 3 \
+    --steps 10 --timeout 290 --label h200x1_compile --workdir "$W/ts_compile"
   finish ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

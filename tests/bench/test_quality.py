@@ -178,3 +178,21 @@ def test_run_benchmark_end_to_end(tmp_path, tiny_qwen2_dir, huanhuan_path):
         assert a["question"] in report
     path = q.write_result(result, tmp_path / "out", "test")
     assert json.loads(path.read_text(encoding="utf-8"))["variants"][0]["steps"] == 2
+
+
+def test_parallel_variants_report_progress_and_keep_order(tmp_path, tiny_qwen2_dir, huanhuan_path):
+    """Variants trained at once: each finished one is reported as a partial record (complete
+    False), and the final rows come back in the order asked, whatever order they finished."""
+    opts = q.QualityOptions(model=str(tiny_qwen2_dir), data=str(huanhuan_path),
+                            variants=("tutorial_hp", "reference_hp"), epochs=1, limit=20,
+                            device="cpu", runs_dir=tmp_path / "runs", parallel=True,
+                            command="test")
+    partial: list[dict] = []
+    result = q.run_benchmark(opts, on_progress=partial.append)
+    assert len(partial) == 1 and partial[0]["complete"] is False
+    assert len(partial[0]["variants"]) == 1
+    assert result["complete"] is True
+    assert [v["variant"] for v in result["variants"]] == ["tutorial_hp", "reference_hp"]
+    steps = {v["variant"]: v["steps"] for v in result["variants"]}
+    assert steps == {"tutorial_hp": 5, "reference_hp": 2}  # ceil(18 / 4), ceil(18 / 16)
+    assert result["settings"]["variants_trained_in_parallel"] is True

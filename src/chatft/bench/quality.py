@@ -37,7 +37,8 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,10 @@ class QualityOptions:
     """Where each variant's output_dir (metrics, loss curve, exported model) goes."""
 
     seed: int = 42
+    parallel: bool = False
+    """Train all variants at once, one subprocess each, sharing the device (small models
+    leave a GPU mostly idle); their per-variant times then overlap."""
+
     command: str = ""
     """The command line that started the benchmark (stored in the result)."""
 
@@ -395,10 +400,10 @@ def ask(model_dir: Path, device: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_variant(variant: Variant, overrides: list[str], output_dir: Path, env: dict[str, str],
-                device: str) -> dict[str, Any]:
-    """Train one variant in a ``chatft train`` subprocess, then read its metrics and ask its
-    exported model the questions."""
+def train_variant(variant: Variant, overrides: list[str], output_dir: Path,
+                  env: dict[str, str]) -> float:
+    """Train one variant in a ``chatft train`` subprocess; returns its wall time in seconds.
+    Raises RuntimeError with the end of its log when it fails."""
     cmd = [sys.executable, "-m", "chatft", "train", *overrides]
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.jsonl").unlink(missing_ok=True)  # a re-run must not read old records
@@ -415,6 +420,13 @@ def run_variant(variant: Variant, overrides: list[str], output_dir: Path, env: d
                if code < 0 else f"exited {code}")
         raise RuntimeError(f"chatft train ({variant.name}) {how}; end of {log_path}:\n"
                            + "\n".join(tail))
+    print(f"quality: {variant.name} trained in {wall:.0f} s", file=sys.stderr, flush=True)
+    return wall
+
+
+def describe_variant(variant: Variant, overrides: list[str], output_dir: Path, wall: float,
+                     device: str) -> dict[str, Any]:
+    """The result row of a trained variant: its metrics, and its exported model's answers."""
     m = read_metrics(output_dir / "metrics.jsonl")
     answers = ask(output_dir / "final", device)
     return {
@@ -432,6 +444,33 @@ def run_variant(variant: Variant, overrides: list[str], output_dir: Path, env: d
         "in_character": sum(a["persona"]["in_character"] for a in answers),
         "output_dir": str(output_dir),
     }
+
+
+def run_variants(names: Sequence[str], overrides: dict[str, list[str]], runs: Path,
+                 env: dict[str, str], device: str, parallel: bool,
+                 on_row: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """Train and describe every variant, calling ``on_row(rows so far)`` after each one (so a
+    run stopped part-way keeps what finished). ``parallel`` trains all of them at once (one
+    subprocess each, sharing the device): rows then come in the order they finish, and their
+    times overlap, so tokens/s are not comparable between variants. Returns rows in ``names``
+    order."""
+    rows: list[dict[str, Any]] = []
+
+    def done(name: str, wall: float) -> None:
+        rows.append(describe_variant(VARIANTS[name], overrides[name], runs / name, wall, device))
+        on_row(rows)
+
+    if not parallel:
+        for name in names:
+            done(name, train_variant(VARIANTS[name], overrides[name], runs / name, env))
+    else:
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            futures = {pool.submit(train_variant, VARIANTS[n], overrides[n], runs / n, env): n
+                       for n in names}
+            for fut in as_completed(futures):  # a failure raises here, after the others end
+                done(futures[fut], fut.result())
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(rows, key=lambda r: order[r["variant"]])
 
 
 def acceptance_checks(variants: list[dict[str, Any]], is_acceptance_setup: bool) -> dict[str, Any]:
@@ -460,8 +499,10 @@ def acceptance_checks(variants: list[dict[str, Any]], is_acceptance_setup: bool)
     return out
 
 
-def run_benchmark(opts: QualityOptions) -> dict[str, Any]:
-    """Check the split, train every variant, ask every model; returns the result record."""
+def run_benchmark(opts: QualityOptions,
+                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Check the split, train every variant, ask every model; returns the result record.
+    ``on_progress`` gets the partial record (``"complete": False``) after each variant."""
     from chatft.errors import ChatftError
 
     unknown = [v for v in opts.variants if v not in VARIANTS]
@@ -482,43 +523,51 @@ def run_benchmark(opts: QualityOptions) -> dict[str, Any]:
     cap = opts.micro_batch_tokens
     if cap is None:
         cap = CPU_MICRO_BATCH_TOKENS if device == "cpu" else GPU_MICRO_BATCH_TOKENS
+    overrides = {name: train_overrides(VARIANTS[name], model=model, data=data, epochs=opts.epochs,
+                                       precision=precision, output_dir=runs / name,
+                                       seed=opts.seed, micro_batch_tokens=cap)
+                 for name in opts.variants}
 
-    def overrides(v: Variant) -> list[str]:
-        return train_overrides(v, model=model, data=data, epochs=opts.epochs, precision=precision,
-                               output_dir=runs / v.name, seed=opts.seed, micro_batch_tokens=cap)
-
-    split = held_out_split(overrides(VARIANTS[opts.variants[0]]))
+    split = held_out_split(overrides[opts.variants[0]])
     print(f"quality: {split['train_samples']} training samples, {split['held_out_samples']} "
           f"held out (index % 10 == 9, checked)", file=sys.stderr, flush=True)
     base_answers = ask(model, device)
-    results = [run_variant(VARIANTS[name], overrides(VARIANTS[name]), runs / name, env, device)
-               for name in opts.variants]
     full = opts.limit is None and opts.epochs == ACCEPTANCE_EPOCHS
-    return {
-        "benchmark": "quality",
-        "command": opts.command,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": {
-            "model": opts.model, "model_folder": str(model), "data": str(data_src),
-            "records_limit": opts.limit, "epochs": opts.epochs, "eval_ratio": EVAL_RATIO,
-            "system_prompt": SYSTEM_PROMPT, "questions": list(QUESTIONS), "device": device,
-            "precision": precision, "packing": True, "seed": opts.seed,
-            "micro_batch_tokens": cap,
-            "optimizer": "AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0, grad-norm clip 1.0 "
-                         "(chatft defaults, same for every variant)",
-            "generation": f"greedy, at most {MAX_NEW_TOKENS} new tokens, exported model "
-                          "(bf16 weights) loaded with chatft.serve.generate.load_chat_model",
-            "persona_heuristic": {"markers": list(PERSONA_MARKERS),
-                                  "assistant_markers": list(ASSISTANT_MARKERS),
-                                  "min_cjk_share": MIN_CJK_SHARE},
-        },
-        "held_out": split,
-        "versions": environment.versions(("deepspeed", "liger-kernel")), "hardware": hw,
-        "base_model_answers": base_answers,
-        "variants": results,
-        "reference": REFERENCE,
-        "checks": acceptance_checks(results, full),
-    }
+
+    def record(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "benchmark": "quality",
+            "command": opts.command,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "complete": len(rows) == len(opts.variants),
+            "settings": {
+                "model": opts.model, "model_folder": str(model), "data": str(data_src),
+                "records_limit": opts.limit, "epochs": opts.epochs, "eval_ratio": EVAL_RATIO,
+                "system_prompt": SYSTEM_PROMPT, "questions": list(QUESTIONS), "device": device,
+                "precision": precision, "packing": True, "seed": opts.seed,
+                "micro_batch_tokens": cap, "variants_trained_in_parallel": opts.parallel,
+                "optimizer": "AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0, grad-norm clip "
+                             "1.0 (chatft defaults, same for every variant)",
+                "generation": f"greedy, at most {MAX_NEW_TOKENS} new tokens, exported model "
+                              "(bf16 weights) loaded with chatft.serve.generate.load_chat_model",
+                "persona_heuristic": {"markers": list(PERSONA_MARKERS),
+                                      "assistant_markers": list(ASSISTANT_MARKERS),
+                                      "min_cjk_share": MIN_CJK_SHARE},
+            },
+            "held_out": split,
+            "versions": environment.versions(("deepspeed", "liger-kernel")), "hardware": hw,
+            "base_model_answers": base_answers,
+            "variants": rows,
+            "reference": REFERENCE,
+            "checks": acceptance_checks(rows, full),
+        }
+
+    def progress(rows: list[dict[str, Any]]) -> None:
+        if on_progress is not None and len(rows) < len(opts.variants):
+            on_progress(record(list(rows)))  # a snapshot: rows keeps growing
+
+    return record(run_variants(opts.variants, overrides, runs, env, device, opts.parallel,
+                               progress))
 
 
 # --------------------------------------------------------------------------- reporting
@@ -607,6 +656,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="training output folders (default: <out>/quality_runs_<label>, or "
                          "runs/quality_<label> when --out is bench/results)")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--parallel", action="store_true",
+                    help="train the variants at the same time on the one device (losses and "
+                         "answers are unaffected; per-variant times overlap)")
     ap.add_argument("--micro-batch-tokens", type=int,
                     help=f"cap on tokens per micro-batch (same gradient; 0: none); default: "
                          f"{CPU_MICRO_BATCH_TOKENS} on the CPU, {GPU_MICRO_BATCH_TOKENS} on CUDA")
@@ -625,9 +677,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                           epochs=args.epochs, limit=args.limit, device=device,
                           precision=args.precision,
                           runs_dir=args.runs_dir, seed=args.seed,
-                          micro_batch_tokens=args.micro_batch_tokens,
+                          micro_batch_tokens=args.micro_batch_tokens, parallel=args.parallel,
                           command="python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]))
-    result = run_benchmark(opts)
+
+    def partial(result: dict[str, Any]) -> None:
+        result["label"] = label
+        path = write_result(result, args.out, label)
+        print(f"quality: wrote partial result {path}", file=sys.stderr, flush=True)
+
+    result = run_benchmark(opts, on_progress=partial)
     result["label"] = label
     print(format_report(result))
     path = write_result(result, args.out, label)
