@@ -81,7 +81,11 @@ def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
     model.config.use_cache = False
-    if use_liger(args, device):
+    if use_liger(args, device) and args.compile:
+        # Dynamo cannot trace Liger's autograd Functions (torch 2.11 fails with an assertion
+        # in the first RMSNorm); inductor fuses RMSNorm, SwiGLU and RoPE itself.
+        log.info("compile: Liger's layer kernels left out (inductor fuses those ops)")
+    elif use_liger(args, device):
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
         # The loss is chatft's own (train/loss.py); only the layer kernels are swapped.
