@@ -78,12 +78,12 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     groups = q.shape[1] // k.shape[1]
     kernel, how = _varlen_kernel()
-    if kernel is not None and q.is_cuda:
+    if kernel is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         if groups > 1 and not how["gqa"]:
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         extra = {"enable_gqa": True} if groups > 1 and how["gqa"] else {}
         out = kernel(q, k, v, cu, cu, max_len, max_len, scale=scaling, **how["causal"], **extra)
-    else:
+    else:  # CPU, fp32 (FlashAttention has no fp32 kernel) or a torch without the kernel
         if groups > 1:
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         out = _per_sample_sdpa(q, k, v, cu, scaling)

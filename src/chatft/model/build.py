@@ -19,15 +19,17 @@ log = logging.getLogger("chatft")
 
 
 
-def resolve_attention(requested: str, device: torch.device) -> str:
+def resolve_attention(requested: str, device: torch.device,
+                      dtype: torch.dtype = torch.bfloat16) -> str:
     """``auto`` -> the fastest kernel for packed batches on this device: varlen FlashAttention
-    on CUDA when torch has it (measured on 1xH200, Qwen2-7B shape, packed micro-batches of at
+    on CUDA in bf16/fp16 when torch has it (FlashAttention has no fp32 kernel; measured on 1xH200, Qwen2-7B shape, packed micro-batches of at
     most 4,096 tokens: 9,368 tokens/s vs 6,848 with SDPA; flex attention, which recompiles for
     each new packed length, ran at 2,441 vs SDPA's 7,209 with recomputation on); SDPA elsewhere
     (it derives the block-diagonal mask from position_ids)."""
     if requested != "auto":
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+    if (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and importlib.util.find_spec("torch.nn.attention.varlen") is not None):
         return "varlen"
     return "sdpa"
 
@@ -57,7 +59,7 @@ def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
     """
     from transformers import AutoModelForCausalLM
 
-    attn = resolve_attention(args.attn_implementation, device)
+    attn = resolve_attention(args.attn_implementation, device, dtype)
     if attn == "varlen":
         from chatft.model.attention import register
 

@@ -958,7 +958,8 @@ def resolve_kernels(cfg: "Config") -> tuple[str, bool, LossKernel]:
 
     from chatft.model.build import liger_available, resolve_attention
 
-    attention = resolve_attention(cfg.model.attn_implementation, torch.device("cuda"))
+    dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16  # auto: bf16 on GPUs
+    attention = resolve_attention(cfg.model.attn_implementation, torch.device("cuda"), dtype)
     if attention not in ("sdpa", "flex_attention", "flash_attention_2", "varlen", "eager"):
         attention = "sdpa"
     liger = cfg.model.liger_kernel == "on" or (cfg.model.liger_kernel == "auto" and liger_available())
