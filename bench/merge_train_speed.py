@@ -37,8 +37,10 @@ def merge(files: list[Path], recommended: str | None) -> dict:
         for row in res["rows"]:
             if row.get("status") != "ok" and row["variant"] in rows:
                 continue  # keep a successful measurement over a failed repeat
-            row = dict(row, source={"file": path.name, "command": res["command"],
-                                    "date": res.get("date"), "hardware": res["hardware"]})
+            # a row of an earlier merge keeps the file it was first measured in
+            row = dict(row, source=row.get("source") or {
+                "file": path.name, "command": res["command"], "date": res.get("date"),
+                "hardware": res["hardware"], "versions": res.get("versions")})
             rows[row["variant"]] = row
     ref = results[0].get("reference_1xh200")
     ts_cli.add_speedups(rows, ref["tutorial_recipe_tokens_per_s"] if ref else None,
