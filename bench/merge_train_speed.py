@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 _spec.loader.exec_module(ts_cli)
 
 
-def merge(files: list[Path], recommended: str | None) -> dict:
+def merge(files: list[Path], recommended: str | None, notes: list[str] | None = None) -> dict:
     results = [json.loads(p.read_text()) for p in files]
     gpus = {r["gpus"] for r in results}
     gpu_names = {r["hardware"].get("gpu") for r in results}
@@ -48,6 +48,7 @@ def merge(files: list[Path], recommended: str | None) -> dict:
     base = dict(results[-1])
     base.update(rows=[rows[v] for v in ts_cli.ALL_VARIANTS if v in rows],
                 merged_from=[p.name for p in files], recommended_variant=recommended,
+                notes=list(base.get("notes", [])) + [n for n in notes or [] if n not in base.get("notes", [])],
                 command="python " + " ".join(sys.argv), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return base
 
@@ -58,8 +59,10 @@ def main() -> int:
     ap.add_argument("--label", required=True)
     ap.add_argument("--recommended", help="the variant that is chatft's recommended configuration")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a sentence added to the result's notes (repeatable)")
     args = ap.parse_args()
-    merged = merge(args.files, args.recommended)
+    merged = merge(args.files, args.recommended, args.note)
     merged["label"] = args.label
     ts_cli.print_table(merged["rows"])
     path = args.out / f"train_speed_{args.label}.json"
