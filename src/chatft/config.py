@@ -89,7 +89,8 @@ class DataArgs:
     """What happens to a sample longer than max_length: dropped, or cut to max_length."""
 
     skip_bad: bool = False
-    """Skip malformed records (counted and reported) instead of stopping at the first."""
+    """Skip malformed records, and records the chat template cannot train exactly (e.g. an
+    answer starting with a newline), counted and reported, instead of stopping at the first."""
 
     verify_labels: bool = True
     """Check that every trained span decodes to exactly the assistant text plus the

@@ -17,7 +17,7 @@ import pytest
 from chatft.data.prepare import (DataOptions, Summary, TokenizedDataset, apply_length_policy,
                                  cache_key, prepare, resolve_data_path, split_eval, tokenize_file)
 from chatft.data.render import Rendered, chat_format
-from chatft.errors import DataError
+from chatft.errors import DataError, TemplateError
 
 ANSWER_WORDS = [1, 2, 3, 4, 10]  # lengths 18, 19, 20, 21, 27; trained 2, 3, 4, 5, 11
 
@@ -129,6 +129,27 @@ def test_summary_counts_bad_records(qwen_tokenizer, tmp_path):
     assert s.lines()[4:] == [f"skipped:   {path}: record 1: field 'output': missing",
                              f"skipped:   {path}: record 3: field 'output': expected a string, "
                              "got number"]
+
+
+def test_records_the_template_cannot_train_exactly_are_skipped_and_counted(qwen_tokenizer,
+                                                                          tmp_path):
+    # An answer starting with a newline merges with the template's "assistant\n" into one
+    # token, so its first token cannot be trained exactly: an error naming file and record,
+    # or with --skip-bad a counted drop.
+    path = write_json(tmp_path / "d.json", yes_records([1]) +
+                      [{"instruction": "hi", "output": "\nnewline first"}] + yes_records([2]))
+    fmt = chat_format(qwen_tokenizer)
+    with pytest.raises(TemplateError) as e:
+        tokenize_file(str(path), fmt, OPTS)
+    assert str(e.value).startswith(f"{path}: record 1: token ")
+    assert "straddles the edge of an assistant turn" in str(e.value)
+    assert str(e.value).endswith("(--skip-bad leaves such records out and counts them)")
+    ds = tokenize_file(str(path), fmt, replace(OPTS, skip_bad=True))
+    s = ds.summary
+    assert ds.record_index.tolist() == [0, 2]
+    assert (s.records, s.kept, s.dropped) == (3, 2, {"template_mismatch": 1})
+    assert s.lines()[1] == "samples:   3 read, 2 kept, 1 dropped (template_mismatch 1), 0 truncated"
+    assert s.lines()[4].startswith(f"skipped:   {path}: record 1: token ")
 
 
 def test_nothing_survives_is_an_error(qwen_tokenizer, yes_file):

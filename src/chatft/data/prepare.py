@@ -22,7 +22,7 @@ import numpy as np
 from chatft.data.formats import load_conversations
 from chatft.data.labels import trained_count
 from chatft.data.render import ChatFormat, Rendered, chat_format, render_many
-from chatft.errors import DataError
+from chatft.errors import DataError, TemplateError
 
 CACHE_VERSION = 1  # bump when the on-disk layout or the rendering rules change
 BUILTIN_PREFIX = "builtin:"
@@ -186,7 +186,20 @@ def tokenize_file(path: str, fmt: ChatFormat, opts: DataOptions) -> TokenizedDat
     if loaded.skipped:
         summary.dropped["bad_record"] = len(loaded.skipped)
         summary.bad_examples = [str(e) for e in loaded.skipped[:5]]
-    rendered = render_many(loaded.conversations, fmt, opts.train_on, opts.verify_labels)  # type: ignore[arg-type]
+    mismatched: list[str] = []
+
+    def skip(conv, error: TemplateError) -> None:  # --skip-bad: counted, first ones shown
+        mismatched.append(f"{path}: {error}")
+
+    try:
+        rendered = render_many(loaded.conversations, fmt, opts.train_on,  # type: ignore[arg-type]
+                               opts.verify_labels, on_error=skip if opts.skip_bad else None)
+    except TemplateError as e:
+        raise TemplateError(f"{path}: {e} (--skip-bad leaves such records out and counts "
+                            "them)") from None
+    if mismatched:
+        summary.dropped["template_mismatch"] = len(mismatched)
+        summary.bad_examples += mismatched[:max(0, 5 - len(summary.bad_examples))]
     kept = apply_length_policy(rendered, opts.max_length, opts.overlong, summary)
     if not kept:
         raise DataError(f"no sample survived preparation ({summary.dropped}); raise "

@@ -22,7 +22,7 @@ the position predicting it happens in :mod:`chatft.data.labels`, nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from chatft.data.messages import Conversation
 from chatft.errors import TemplateError
@@ -138,54 +138,78 @@ def _trained_spans(conv: Conversation, fmt: ChatFormat, train_on: TrainOn, full:
 
 
 def render_many(convs: Sequence[Conversation], fmt: ChatFormat, train_on: TrainOn = "assistant",
-                verify: bool = True) -> list[Rendered]:
-    """Render, tokenize (one batched call) and mask a list of conversations."""
-    if not convs:  # a tokenizer called on an empty batch fails
+                verify: bool = True,
+                on_error: Callable[[Conversation, TemplateError], None] | None = None
+                ) -> list[Rendered]:
+    """Render, tokenize (one batched call) and mask a list of conversations.
+
+    A conversation the template cannot render exactly raises :class:`TemplateError`; with
+    ``on_error`` it is handed to ``on_error`` instead and left out (``--skip-bad``)."""
+    kept: list[tuple[Conversation, str, list[tuple[int, int, str]]]] = []
+    for conv in convs:
+        try:
+            text = fmt.text(conv.as_dicts(), record=conv.index)
+            kept.append((conv, text, _trained_spans(conv, fmt, train_on, text)))
+        except TemplateError as e:
+            if on_error is None:
+                raise
+            on_error(conv, e)
+    if not kept:  # a tokenizer called on an empty batch fails
         return []
-    texts = [fmt.text(c.as_dicts(), record=c.index) for c in convs]
-    spans = [_trained_spans(c, fmt, train_on, t) for c, t in zip(convs, texts)]
-    enc = fmt.tokenizer(texts, add_special_tokens=False,  # type: ignore[operator]
+    enc = fmt.tokenizer([text for _, text, _ in kept], add_special_tokens=False,  # type: ignore[operator]
                         return_offsets_mapping=True)
     out = []
-    for conv, text, sp, ids, offsets in zip(convs, texts, spans, enc["input_ids"],
-                                            enc["offset_mapping"]):
-        mask = [train_on == "all"] * len(ids)
-        runs: list[list[int]] = [[] for _ in sp]
-        if train_on != "all":
-            j = 0  # spans are in order, tokens are in order: one merged pass
-            for t, (a, b) in enumerate(offsets):
-                while j < len(sp) and a >= sp[j][1]:
-                    j += 1
-                if j == len(sp):
-                    break
-                s, e, _ = sp[j]
-                if a >= s and b <= e and b > a:
-                    mask[t] = True
-                    runs[j].append(ids[t])
-                elif a < s < b or a < e < b:
-                    raise TemplateError(
-                        f"record {conv.index}: token {t} ({text[a:b]!r}) straddles the edge of "
-                        "an assistant turn, so the turn cannot be trained exactly (the assistant "
-                        "text starts or ends with characters that merge with the template's; "
-                        "strip leading/trailing whitespace from it)")
-        else:
-            for j, (s, e, _) in enumerate(sp):
-                runs[j] = [i for i, (a, b) in zip(ids, offsets) if a >= s and b <= e and b > a]
-        if verify:
-            norm = getattr(getattr(fmt.tokenizer, "backend_tokenizer", None), "normalizer", None)
-            for j, (s, e, expected) in enumerate(sp):
-                if norm is not None:  # e.g. Qwen's NFC: compare what the tokenizer saw
-                    expected = norm.normalize_str(expected)
-                got = fmt.tokenizer.decode(runs[j], skip_special_tokens=False,  # type: ignore
-                                           clean_up_tokenization_spaces=False)
-                if got != expected:
-                    raise TemplateError(
-                        f"record {conv.index}: label check failed for assistant span {j}: the "
-                        f"trained tokens decode to {got[:60]!r} but the turn is "
-                        f"{expected[:60]!r}. The template or tokenizer changes the text "
-                        "between rendering and tokenizing (normalization, stripped spaces).")
-        out.append(Rendered(list(ids), mask, conv.index))
+    for (conv, text, sp), ids, offsets in zip(kept, enc["input_ids"], enc["offset_mapping"]):
+        try:
+            out.append(_mask(conv, text, sp, ids, offsets, fmt, train_on, verify))
+        except TemplateError as e:
+            if on_error is None:
+                raise
+            on_error(conv, e)
     return out
+
+
+def _mask(conv: Conversation, text: str, sp: list[tuple[int, int, str]], ids: list[int],
+          offsets: list[tuple[int, int]], fmt: ChatFormat, train_on: TrainOn,
+          verify: bool) -> Rendered:
+    """The loss mask of one tokenized conversation: tokens whose characters lie inside a
+    trained span; with ``verify``, each span's tokens must decode to exactly its text."""
+    mask = [train_on == "all"] * len(ids)
+    runs: list[list[int]] = [[] for _ in sp]
+    if train_on != "all":
+        j = 0  # spans are in order, tokens are in order: one merged pass
+        for t, (a, b) in enumerate(offsets):
+            while j < len(sp) and a >= sp[j][1]:
+                j += 1
+            if j == len(sp):
+                break
+            s, e, _ = sp[j]
+            if a >= s and b <= e and b > a:
+                mask[t] = True
+                runs[j].append(ids[t])
+            elif a < s < b or a < e < b:
+                raise TemplateError(
+                    f"record {conv.index}: token {t} ({text[a:b]!r}) straddles the edge of "
+                    "an assistant turn, so the turn cannot be trained exactly (the assistant "
+                    "text starts or ends with characters that merge with the template's; "
+                    "strip leading/trailing whitespace from it)")
+    else:
+        for j, (s, e, _) in enumerate(sp):
+            runs[j] = [i for i, (a, b) in zip(ids, offsets) if a >= s and b <= e and b > a]
+    if verify:
+        norm = getattr(getattr(fmt.tokenizer, "backend_tokenizer", None), "normalizer", None)
+        for j, (s, e, expected) in enumerate(sp):
+            if norm is not None:  # e.g. Qwen's NFC: compare what the tokenizer saw
+                expected = norm.normalize_str(expected)
+            got = fmt.tokenizer.decode(runs[j], skip_special_tokens=False,  # type: ignore
+                                       clean_up_tokenization_spaces=False)
+            if got != expected:
+                raise TemplateError(
+                    f"record {conv.index}: label check failed for assistant span {j}: the "
+                    f"trained tokens decode to {got[:60]!r} but the turn is "
+                    f"{expected[:60]!r}. The template or tokenizer changes the text "
+                    "between rendering and tokenizing (normalization, stripped spaces).")
+    return Rendered(list(ids), mask, conv.index)
 
 
 def render(conv: Conversation, fmt: ChatFormat, train_on: TrainOn = "assistant",
