@@ -147,3 +147,43 @@ def test_param_groups_do_not_decay_biases_and_norms():
     assert [len(g["params"]) for g in groups] == [1, 3]
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert math.isclose(sum(p.numel() for g in groups for p in g["params"]), 4 * 4 + 4 + 4 + 4)
+
+
+def test_finish_distributed_leaves_the_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    from chatft.train.loop import finish_distributed
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    finish_distributed()
+    assert not dist.is_initialized()
+    finish_distributed()  # nothing to leave: no error
+
+
+def test_worker_leaves_the_process_group_also_after_an_error(monkeypatch, tmp_path):
+    import json
+
+    from chatft.errors import DataError
+    from chatft.train import loop, worker
+
+    calls = []
+
+    def failing_train(cfg):
+        raise DataError("no sample survived preparation", file="d.json")
+
+    monkeypatch.setattr(loop, "train", failing_train)
+    monkeypatch.setattr(loop, "finish_distributed", lambda: calls.append("finished"))
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps(load_config(None, []).to_dict()))
+    assert worker.main(["--config-json", str(config_json)]) == 2
+    assert calls == ["finished"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -56,9 +56,12 @@ def run(cfg: Config) -> int:
     # before the config is handed to the workers.
     auto_plan(cfg, data.train.lengths)
     if cfg.world_size == 1 and not cfg.launch.hostfile:
-        from chatft.train.loop import train
+        from chatft.train.loop import finish_distributed, train
 
-        train(cfg)
+        try:
+            train(cfg)
+        finally:
+            finish_distributed()
         return 0
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)

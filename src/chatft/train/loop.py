@@ -78,6 +78,13 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def finish_distributed() -> None:
+    """Leave the process group at the end of a process's training (without it, torch warns
+    at exit that resources may leak)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class _Data:
     """A tokenized dataset with the per-sample arrays the planner needs."""
 

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-json", required=True)
     p.add_argument("--local_rank", type=int, default=None)  # passed by some launchers
     args, _ = p.parse_known_args(argv)
-    from chatft.train.loop import train
+    from chatft.train.loop import finish_distributed, train
 
     try:
         with open(args.config_json, encoding="utf-8") as f:
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     except ChatftError as e:
         print(f"chatft: error: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        finish_distributed()
     return 0
 
 
