@@ -59,6 +59,9 @@ def test_fields_are_read():
     ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
     ({"messages": USER, "logprobs": True}, "logprobs"),
     ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": USER, "top_k": 40}, "top_k"),
+    ({"messages": USER, "repetition_penalty": 1.1}, "repetition_penalty"),
+    ({"messages": USER, "min_p": 0.05}, "min_p"),
     ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": USER, "model": 7}, "model"),
 ])
@@ -70,3 +73,8 @@ def test_bad_requests_name_the_parameter(body, param):
     err = e.value.body()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_sampling_extensions_at_their_neutral_values_are_accepted():
+    req = parse_request({"messages": USER, "top_k": -1, "repetition_penalty": 1.0, "min_p": 0})
+    assert req.messages == USER

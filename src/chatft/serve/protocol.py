@@ -144,6 +144,12 @@ _UNSUPPORTED_TRUTHY = {
 }
 
 
+#: Non-OpenAI sampling knobs -> the values that mean "off".
+_SAMPLING_EXTENSIONS: dict[str, tuple] = {
+    "top_k": (-1, 0), "min_p": (0, 0.0), "repetition_penalty": (1, 1.0),
+}
+
+
 def parse_request(body: Any) -> ChatRequest:
     """Validate a decoded JSON body; raise :class:`ApiError` on the first problem."""
     if not isinstance(body, dict):
@@ -154,6 +160,12 @@ def parse_request(body: Any) -> ChatRequest:
     for key in ("frequency_penalty", "presence_penalty"):
         if _number(body, key, -2.0, 2.0):
             raise ApiError(f"'{key}' is not supported (only 0)", param=key)
+    # Sampling extensions other servers accept: refused unless neutral, never ignored.
+    for key, neutral in _SAMPLING_EXTENSIONS.items():
+        v = body.get(key)
+        if v is not None and v not in neutral:
+            raise ApiError(f"'{key}' is not supported by this server (sampling uses "
+                           f"temperature and top_p); leave it out", param=key)
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise ApiError("only response_format {\"type\": \"text\"} is supported",
