@@ -204,8 +204,9 @@ def test_field_docs_cover_every_field():
         names = [f.name for f in dataclasses.fields(cls)]
         assert sorted(docs) == sorted(names), section
         assert all(len(docs[n]) > 10 for n in names), section
-    assert field_docs(DataArgs)["skip_bad"] == ("Skip malformed records (counted and reported) "
-                                                "instead of stopping at the first.")
+    assert field_docs(DataArgs)["skip_bad"] == (
+        "Skip malformed records, and records the chat template cannot train exactly (e.g. an "
+        "answer starting with a newline), counted and reported, instead of stopping at the first.")
     help_text = options_help()
     for cls in SECTIONS.values():
         for f in dataclasses.fields(cls):

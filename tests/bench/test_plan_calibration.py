@@ -5,11 +5,12 @@ refit, and the stored token budgets equal to what ``chatft plan`` derives from t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
-from chatft.bench.plan_calibration import (DEFAULT_RUNS, TOLERANCE, evaluate, job_and_strategy,
+from chatft.bench.plan_calibration import (DEFAULT_RUNS, TOLERANCE, Measurements, evaluate,
+                                           job_and_strategy,
                                            load_measurements, main, outside_allocator_gib, refit,
                                            rounded)
 from chatft.train.plan import DEFAULT_CALIBRATION
@@ -23,7 +24,9 @@ def measured():
 
 def test_committed_calibration_reproduces_every_measured_run(measured):
     ms, jobs = measured
-    assert len(ms.runs) == 10
+    assert len(ms.runs) == 12
+    assert [r.id for r in ms.runs if r.validation] == ["1gpu_plain_varlen_none_3epochs",
+                                                       "1gpu_plain_varlen_none_noliger_6steps"]
     rows = {r["id"]: r for r in evaluate(ms, jobs, DEFAULT_CALIBRATION)}
     for run in ms.runs:
         row = rows[run.id]
@@ -56,6 +59,12 @@ def test_a_known_run_by_hand(measured):
 def test_defaults_are_the_refit(measured):
     ms, jobs = measured
     assert asdict(rounded(refit(ms, jobs))) == asdict(DEFAULT_CALIBRATION)
+    # validation runs take no part in the fit: dropping them changes nothing, fitting on them
+    # too would (they pull the host term down)
+    fitting = Measurements(ms.meta, [r for r in ms.runs if not r.validation])
+    assert refit(fitting, jobs) == refit(ms, jobs)
+    everything = Measurements(ms.meta, [replace(r, validation=False) for r in ms.runs])
+    assert rounded(refit(everything, jobs)) != DEFAULT_CALIBRATION
     context, comm = outside_allocator_gib(ms.runs)
     # nvidia-smi's used memory minus torch's reserved: 0.64-0.75 GiB alone, 2.05 with NCCL
     assert 0.6 < context < 0.8 and 1.0 < comm < 1.5
@@ -71,6 +80,6 @@ def test_stored_token_budgets_are_chatft_plans_and_the_script_reports(tmp_path, 
     assert last["all_within_tolerance_current"] and last["max_abs_gpu_error_current"] <= TOLERANCE
     assert printed[0].split()[:3] == ["run", "tokens", "mb"]
     result = json.loads(out.read_text())
-    assert [r["tokens_match_stored"] for r in result["runs"]] == [True] * 10
+    assert [r["tokens_match_stored"] for r in result["runs"]] == [True] * 12
     assert result["measurements"]["hardware"]["gpu"] == "NVIDIA H200"
     assert result["command"].startswith("python bench/plan_calibration.py")

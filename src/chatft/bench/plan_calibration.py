@@ -58,6 +58,7 @@ class MeasuredRun:
     host_gib: float | None  # peak RSS of the process tree
     host_in_fit: bool  # False: the host figure includes something the planner does not model
     host_note: str | None = None
+    validation: bool = False  # measured after the calibration was fitted: checked, never fitted
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def load_measurements(path: Path = DEFAULT_RUNS) -> Measurements:
             micro_batches=int(r["micro_batches"]), gpu_gib=float(m["gpu_allocated_gib"]),
             reserved_gib=float(m["gpu_reserved_gib"]), used_gib=m.get("gpu_used_gib_nvidia_smi"),
             host_gib=m.get("host_rss_gib"), host_in_fit=bool(r.get("host_in_fit", False)),
-            host_note=r.get("host_note")))
+            host_note=r.get("host_note"), validation=bool(r.get("validation", False))))
     return Measurements({k: v for k, v in data.items() if k != "rows"}, runs)
 
 
@@ -126,9 +127,11 @@ def outside_allocator_gib(runs: Sequence[MeasuredRun]) -> tuple[float, float]:
 
 
 def refit(ms: Measurements, jobs: dict[str, tuple[Job, Strategy]]) -> Calibration:
+    """The calibration fitted on the runs that are not validation runs."""
+    fitting = [r for r in ms.runs if not r.validation]
     rows = [Measurement(*jobs[r.id], r.gpu_gib, r.host_gib if r.host_in_fit else None)
-            for r in ms.runs]
-    context, comm = outside_allocator_gib(ms.runs)
+            for r in fitting]
+    context, comm = outside_allocator_gib(fitting)
     return replace(fit_calibration(rows), context_gib=context, comm_gib=comm)
 
 
@@ -155,7 +158,7 @@ def evaluate(ms: Measurements, jobs: dict[str, tuple[Job, Strategy]], cal: Calib
             "gpu_device_predicted_gib": round(e.gpu_device_bytes / GIB, 3),
             "gpu_device_measured_gib": run.used_gib,
             "host_predicted_gib": round(e.host_gib, 3), "host_measured_gib": run.host_gib,
-            "host_phase": e.host_phase,
+            "host_phase": e.host_phase, "validation": run.validation,
         }
         if run.host_gib is not None:
             row["host_error"] = round(_error(e.host_gib, run.host_gib), 4)
@@ -210,6 +213,9 @@ def run_calibration(opts: CalibrationOptions, command: str) -> dict[str, Any]:
              "nvidia-smi's used memory on the run's GPUs (taken above its value at start)."),
             ("Host peaks: summed RSS of the run's process tree; host_checked false rows are "
              "shown but not held to the tolerance (see host_note)."),
+            ("validation rows were measured after the calibration was fitted: they are held to "
+             "the tolerance but take no part in the refit, so they test the planner out of "
+             "sample."),
             (f"tokens: {tokens_source}; the largest micro-batch of the run as chatft plan "
              "computes it for the run's config (padded to 64 on CUDA)."),
         ],
@@ -239,7 +245,8 @@ def format_table(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         cur, new = r["current"], r["refitted"]
         host_err = pct(cur.get("host_error")) + ("" if cur.get("host_checked", True) else " (n/a)")
-        table.append((r["id"], f"{r['tokens']:,}", str(r["micro_batches"]),
+        table.append((r["id"] + (" (validation)" if cur.get("validation") else ""),
+                      f"{r['tokens']:,}", str(r["micro_batches"]),
                       f"{cur['gpu_measured_gib']:.1f}", f"{cur['gpu_predicted_gib']:.1f}",
                       pct(cur["gpu_error"]), f"{new['gpu_predicted_gib']:.1f}", pct(new["gpu_error"]),
                       "" if cur["host_measured_gib"] is None else f"{cur['host_measured_gib']:.1f}",
