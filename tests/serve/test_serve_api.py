@@ -10,6 +10,9 @@ import aiohttp
 import openai
 import pytest
 
+from chatft.serve.batch import SamplingParams
+from chatft.serve.generate import reply
+
 from .conftest import CONTEXT, PERSONA
 
 HI = [{"role": "user", "content": "Hello, who are you?"}]
@@ -108,6 +111,25 @@ def test_seed_makes_sampling_reproducible(client):
                                               seed=seed).choices[0].message.content
     assert ask(11) == ask(11)
     assert ask(11) != ask(12)
+
+
+def test_top_k_and_repetition_penalty_reach_the_sampler(client, chat_model):
+    # sent as the extra body fields vLLM clients use
+    def ask(messages, **extra):
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                              extra_body=extra, **({"temperature": 1.5, "seed": 3}
+                                              if "top_k" in extra else {"temperature": 0})
+                                              ).choices[0].message.content
+    greedy = ask(HI)
+    assert ask(HI, top_k=1) == greedy  # one candidate: any temperature is greedy
+    changed = 0
+    for text in ("hi", "a b c d", "你好", "Tell me about the palace."):
+        messages = [{"role": "user", "content": text}]
+        penalized = ask(messages, repetition_penalty=1.3)
+        assert penalized == reply(chat_model, messages, SamplingParams(
+            max_new_tokens=16, repetition_penalty=1.3)).text
+        changed += penalized != ask(messages)
+    assert changed  # the penalty did change some answer
 
 
 def test_n_above_one_is_rejected(client):

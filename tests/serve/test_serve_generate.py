@@ -7,7 +7,7 @@ import torch
 
 from chatft.data.render import chat_format
 from chatft.errors import ChatftError
-from chatft.serve.batch import Event, SamplingParams, sample_next
+from chatft.serve.batch import Event, SamplingParams, keep_top_k, penalize_repeats, sample_next
 from chatft.serve.generate import load_chat_model, reply, stream_reply
 
 from .conftest import CONTEXT, PERSONA
@@ -42,11 +42,11 @@ def test_not_a_model_folder_is_a_user_error(tmp_path):
         load_chat_model(tmp_path)
 
 
-def _hf_greedy(cm, messages, n: int) -> list[int]:
+def _hf_greedy(cm, messages, n: int, **kw) -> list[int]:
     ids = torch.tensor([cm.prompt_ids(messages)])
     with torch.inference_mode():
         out = cm.model.generate(ids, max_new_tokens=n, do_sample=False,
-                                eos_token_id=sorted(cm.stop_ids), pad_token_id=0)
+                                eos_token_id=sorted(cm.stop_ids), pad_token_id=0, **kw)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -218,3 +218,32 @@ def test_top_p_with_large_vocabulary_matches_a_full_sort():
     probs = torch.softmax(logits, dim=-1)
     assert got == [_reference_top_p(probs[r], float(top_p[r]), float(uniform[r]))
                    for r in range(n)]
+
+
+def test_repetition_penalty_matches_transformers_generate(chat_model):
+    changed = 0
+    for messages in PROMPTS:
+        ref = _hf_greedy(chat_model, messages, 24, repetition_penalty=1.3)
+        got = reply(chat_model, messages, SamplingParams(max_new_tokens=24, repetition_penalty=1.3))
+        assert got.text == chat_model.tokenizer.decode(ref, skip_special_tokens=True)
+        changed += got.text != reply(chat_model, messages, SamplingParams(max_new_tokens=24)).text
+    assert changed  # the penalty changed some answer: the comparison above is not vacuous
+
+
+def test_top_k_one_is_greedy_whatever_the_temperature(chat_model):
+    greedy = reply(chat_model, HI, SamplingParams(max_new_tokens=16)).text
+    for seed in (1, 2, 3):
+        params = SamplingParams(max_new_tokens=16, temperature=1.5, top_k=1, seed=seed)
+        assert reply(chat_model, HI, params).text == greedy
+
+
+def test_logit_processors_by_hand():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    # tokens 0 and 1 seen, penalty 2: 2.0 / 2 = 1.0, -1.0 * 2 = -2.0; the others unchanged
+    assert penalize_repeats(logits, torch.tensor([0, 1]), 2.0).tolist() == [1.0, -2.0, 0.5, 3.0]
+    assert logits.tolist() == [2.0, -1.0, 0.5, 3.0]  # the input is left alone
+    inf = float("-inf")
+    assert keep_top_k(logits, 2).tolist() == [2.0, inf, inf, 3.0]
+    assert keep_top_k(torch.tensor([1.0, 1.0, 0.0]), 1).tolist() == [1.0, 1.0, inf]  # ties kept
+    assert keep_top_k(logits, 0).tolist() == logits.tolist()
+    assert keep_top_k(logits, 9).tolist() == logits.tolist()

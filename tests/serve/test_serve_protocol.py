@@ -59,8 +59,10 @@ def test_fields_are_read():
     ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
     ({"messages": USER, "logprobs": True}, "logprobs"),
     ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty"),
-    ({"messages": USER, "top_k": 40}, "top_k"),
-    ({"messages": USER, "repetition_penalty": 1.1}, "repetition_penalty"),
+    ({"messages": USER, "top_k": -2}, "top_k"),
+    ({"messages": USER, "top_k": 2.5}, "top_k"),
+    ({"messages": USER, "repetition_penalty": 0}, "repetition_penalty"),
+    ({"messages": USER, "repetition_penalty": "high"}, "repetition_penalty"),
     ({"messages": USER, "min_p": 0.05}, "min_p"),
     ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": USER, "model": 7}, "model"),
@@ -75,6 +77,10 @@ def test_bad_requests_name_the_parameter(body, param):
     assert err["type"] == "invalid_request_error" and err["message"]
 
 
-def test_sampling_extensions_at_their_neutral_values_are_accepted():
+def test_sampling_extensions():
     req = parse_request({"messages": USER, "top_k": -1, "repetition_penalty": 1.0, "min_p": 0})
-    assert req.messages == USER
+    assert (req.top_k, req.repetition_penalty) == (0, 1.0)
+    assert (parse_request({"messages": USER}).top_k,
+            parse_request({"messages": USER}).repetition_penalty) == (0, 1.0)
+    req = parse_request({"messages": USER, "top_k": 40, "repetition_penalty": 1.2})
+    assert (req.top_k, req.repetition_penalty) == (40, 1.2)

@@ -55,6 +55,13 @@ class SamplingParams:
     top_p: float = 1.0
     """Nucleus sampling: sample from the smallest set of tokens whose probability reaches it."""
 
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0 = no limit; greedy is unaffected)."""
+
+    repetition_penalty: float = 1.0
+    """> 1 makes every token already in the prompt or the answer less likely (a positive logit
+    is divided by it, a negative one multiplied), greedy included; 1 = off."""
+
     seed: int | None = None
     """Seeds this answer's own random generator; None = a fresh random seed."""
 
@@ -96,10 +103,14 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator = field(default_factory=torch.Generator)
+    seen: set[int] = field(default_factory=set)
+    """Tokens of the prompt and the answer so far (kept only for a repetition penalty)."""
 
     def __post_init__(self) -> None:
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.generator.manual_seed(seed)
+        if self.params.repetition_penalty != 1.0:
+            self.seen.update(self.prompt_ids)
 
     def cancel(self) -> None:
         """Ask for removal; the batch drops the row before its next step (thread-safe:
@@ -116,6 +127,8 @@ class Sequence:
             self.finish("stop")
             return
         self.generated += 1
+        if self.params.repetition_penalty != 1.0:
+            self.seen.add(token)
         self._emit(self.stream.push(token))
         if self.stream.stopped:
             self.finish("stop")
@@ -194,6 +207,25 @@ class SlabLayer(DynamicLayer):
 
 def _new_cache(num_layers: int) -> Cache:
     return Cache(layers=[SlabLayer() for _ in range(num_layers)])
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """One row's logits ``[V]`` with the tokens in ``seen`` (ids ``[n]``) made less likely:
+    positive logits divided by ``penalty``, negative ones multiplied (the CTRL rule that
+    Hugging Face's ``repetition_penalty`` uses). Returns a new tensor."""
+    out = logits.clone()
+    picked = out[seen]
+    out[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """One row's logits ``[V]`` with all but the ``k`` largest set to -inf (ties at the k-th
+    value are kept). Returns a new tensor."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -312,6 +344,12 @@ class DecodeBatch:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
                 knobs: tuple[torch.Tensor, torch.Tensor]) -> list[int]:
         temperature, top_p = knobs
+        for r, s in enumerate(seqs):  # per-row logit processors, only where asked for
+            if s.params.repetition_penalty != 1.0 and s.seen:
+                seen = torch.tensor(sorted(s.seen), device=logits.device)
+                logits[r] = penalize_repeats(logits[r], seen, s.params.repetition_penalty)
+            if s.params.top_k > 0 and s.params.temperature > 0:
+                logits[r] = keep_top_k(logits[r], s.params.top_k)
         u = torch.tensor([torch.rand(1, generator=s.generator).item()
                           if s.params.temperature > 0 else 0.0 for s in seqs])
         return sample_next(logits, temperature, top_p, u.to(self.device)).tolist()

@@ -37,11 +37,13 @@ def _answer(cm: ChatModel, messages: list[dict], system: str | None, params: Sam
 
 def one_shot(cm: ChatModel, prompt: str, system: str | None = None, max_new_tokens: int = 512,
              temperature: float | None = None, top_p: float | None = None,
-             seed: int | None = None, out: TextIO = sys.stdout) -> str:
+             seed: int | None = None, top_k: int = 0, repetition_penalty: float = 1.0,
+             out: TextIO = sys.stdout) -> str:
     """Answer ``prompt`` once, streaming to ``out``; greedy unless ``temperature`` > 0."""
     params = SamplingParams(max_new_tokens=max_new_tokens,
                             temperature=temperature or 0.0,
-                            top_p=1.0 if top_p is None else top_p, seed=seed)
+                            top_p=1.0 if top_p is None else top_p, seed=seed, top_k=top_k,
+                            repetition_penalty=repetition_penalty)
     text, _ = _answer(cm, [{"role": "user", "content": prompt}], system, params, out)
     out.write("\n")
     out.flush()
@@ -50,10 +52,11 @@ def one_shot(cm: ChatModel, prompt: str, system: str | None = None, max_new_toke
 
 def interactive(cm: ChatModel, system: str | None = None, max_new_tokens: int = 512,
                 temperature: float | None = None, top_p: float | None = None,
-                seed: int | None = None, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+                seed: int | None = None, top_k: int = 0, repetition_penalty: float = 1.0,
+                inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     """The chat loop; returns on /exit or end of input."""
     params = cm.sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                         seed=seed)
+                         seed=seed, top_k=top_k, repetition_penalty=repetition_penalty)
     persona = system if system is not None else cm.system_prompt
     history: list[dict] = []
     out.write(f"chatft chat: {cm.name}\npersona: {persona if persona else '(template default)'}\n"

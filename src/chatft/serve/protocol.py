@@ -56,6 +56,11 @@ class ChatRequest:
     stop: tuple[str, ...]
     seed: int | None
     ignore_eos: bool
+    top_k: int = 0
+    """Not OpenAI's (vLLM and others take it): 0 or -1 = no limit."""
+
+    repetition_penalty: float = 1.0
+    """Not OpenAI's (vLLM and others take it): 1 = off."""
 
 
 def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
@@ -145,9 +150,7 @@ _UNSUPPORTED_TRUTHY = {
 
 
 #: Non-OpenAI sampling knobs -> the values that mean "off".
-_SAMPLING_EXTENSIONS: dict[str, tuple] = {
-    "top_k": (-1, 0), "min_p": (0, 0.0), "repetition_penalty": (1, 1.0),
-}
+_SAMPLING_EXTENSIONS: dict[str, tuple] = {"min_p": (0, 0.0)}
 
 
 def parse_request(body: Any) -> ChatRequest:
@@ -160,7 +163,8 @@ def parse_request(body: Any) -> ChatRequest:
     for key in ("frequency_penalty", "presence_penalty"):
         if _number(body, key, -2.0, 2.0):
             raise ApiError(f"'{key}' is not supported (only 0)", param=key)
-    # Sampling extensions other servers accept: refused unless neutral, never ignored.
+    # Sampling extensions other servers accept and this one does not: refused unless
+    # neutral, never ignored.
     for key, neutral in _SAMPLING_EXTENSIONS.items():
         v = body.get(key)
         if v is not None and v not in neutral:
@@ -209,7 +213,16 @@ def parse_request(body: Any) -> ChatRequest:
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0, lo_open=True),
         max_tokens=max_tokens, stop=stops, seed=_integer(body, "seed"),
-        ignore_eos=_bool(body, "ignore_eos"))
+        ignore_eos=_bool(body, "ignore_eos"), top_k=_top_k(body),
+        repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0)
+
+
+def _top_k(body: dict) -> int:
+    k = _integer(body, "top_k")
+    if k is not None and k < -1:
+        raise ApiError(f"'top_k' must be -1 or 0 (no limit) or a positive count, got {k}",
+                       param="top_k")
+    return max(k or 0, 0)
 
 
 def completion_id() -> str:

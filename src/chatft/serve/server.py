@@ -154,7 +154,8 @@ def _sampling(engine: Engine, req: ChatRequest, prompt_len: int) -> SamplingPara
                        code="context_length_exceeded")
     max_new = req.max_tokens if req.max_tokens is not None else min(room, DEFAULT_MAX_TOKENS)
     return cm.sampling(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_new,
-                       seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)
+                       seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos, top_k=req.top_k,
+                       repetition_penalty=req.repetition_penalty)
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
