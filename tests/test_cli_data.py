@@ -184,7 +184,7 @@ def test_inspect_colours_roles_and_trained_tokens(runs, huanhuan_path):
     # trained pieces, in order, are exactly the answer and <|im_end|>
     assert "".join(TRAINED_PIECE.findall(block)) == first["output"] + "<|im_end|>"
     assert "\x1b[35m" in block and "\x1b[36m" in block  # system (magenta), user (cyan) text
-    assert f"samples:   3729 read, 3729 kept, 0 dropped (none), 0 truncated\n" in out
+    assert "samples:   3729 read, 3729 kept, 0 dropped (none), 0 truncated\n" in out
     assert "tokens:    254,427 total, 81,364 trained (32.0%)\n" in out
 
 

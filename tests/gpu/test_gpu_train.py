@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.train.conftest import metrics, run_chatft, step_losses
+from tests.train.conftest import run_chatft, step_losses
 from tests.train.test_train_loss import _grads, samples, tiny_model
 
 pytestmark = [pytest.mark.gpu,

@@ -201,7 +201,7 @@ def checkpoint_state_dict(folder: Path, engine: str) -> dict[str, torch.Tensor]:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
                       dtype: str | None = None) -> Path:
     """``chatft export``: a checkpoint folder (or a run folder: its latest) -> model folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from chatft.config import config_from_dict
     from chatft.data.prepare import DataOptions
