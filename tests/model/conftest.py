@@ -13,55 +13,11 @@ from typing import Callable
 
 import pytest
 
-#: Qwen-7B-Chat's config.json (the 8192-context release) with the sizes made tiny. The
-#: vocabulary keeps Qwen's padded size, so every id of the real tokenizer is in range.
-TINY_QWEN1_CONFIG = {
-    "architectures": ["QWenLMHeadModel"],
-    "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
-                 "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-    "attn_dropout_prob": 0.0,
-    "bf16": False,
-    "emb_dropout_prob": 0.0,
-    "fp16": False,
-    "fp32": False,
-    "hidden_size": 64,
-    "intermediate_size": 192,  # Qwen-1 stores twice the MLP width: w1/w2 have 96 outputs
-    "initializer_range": 0.02,
-    "kv_channels": 16,
-    "layer_norm_epsilon": 1e-06,
-    "max_position_embeddings": 8192,
-    "model_type": "qwen",
-    "no_bias": True,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "onnx_safe": None,
-    "rotary_emb_base": 10000,
-    "rotary_pct": 1.0,
-    "scale_attn_weights": True,
-    "seq_length": 8192,
-    "softmax_in_fp32": False,
-    "tie_word_embeddings": False,
-    "tokenizer_class": "QWenTokenizer",
-    "transformers_version": "4.32.0",
-    "use_cache": True,
-    "use_cache_kernel": False,
-    "use_cache_quantization": False,
-    "use_dynamic_ntk": True,
-    "use_flash_attn": "auto",
-    "use_logn_attn": True,
-    "vocab_size": 151936,
-}
+from chatft.bench.qwen1 import GENERATION_CONFIG, TINY, TOKENIZER_CONFIG
 
-GENERATION_CONFIG = {
-    "chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643,
-    "max_window_size": 6144, "max_new_tokens": 512, "do_sample": True, "top_k": 0,
-    "top_p": 0.8, "repetition_penalty": 1.1, "transformers_version": "4.31.0",
-}
-
-TOKENIZER_CONFIG = {
-    "model_max_length": 8192, "tokenizer_class": "QWenTokenizer",
-    "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
-}
+#: Qwen-7B-Chat's config.json (the 8192-context release) with the sizes made tiny, as the
+#: Qwen-1 benchmark builds it; these folders hold fp32 weights, so its bf16 flag is off.
+TINY_QWEN1_CONFIG = {**TINY, "bf16": False}
 
 #: The folder's Python files: importing any of them fails the test that did it.
 REMOTE_CODE = ("configuration_qwen.py", "modeling_qwen.py", "tokenization_qwen.py",

@@ -23,15 +23,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatft.bench import qwen1 as qwen1_bench
 from chatft.errors import ChatftError
 from chatft.model import qwen1
 from chatft.model.qwen1 import (convert_qwen1, iter_converted_tensors, load_qwen1_model,
                                 qwen2_config_from_qwen1)
+
 from .conftest import REMOTE_CODE, TINY_QWEN1_CONFIG, qwen1_random_state
 
 #: Qwen-7B-Chat's config.json as published (8192-context release).
-QWEN_7B_CHAT = {**TINY_QWEN1_CONFIG, "hidden_size": 4096, "intermediate_size": 22016,
-                "kv_channels": 128, "num_attention_heads": 32, "num_hidden_layers": 32}
+QWEN_7B_CHAT = {**qwen1_bench.QWEN_7B_CHAT, "bf16": False}
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛."
 
 

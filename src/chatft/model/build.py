@@ -83,17 +83,18 @@ def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
     model.config.use_cache = False
-    if use_liger(args, device) and args.compile:
-        # Dynamo cannot trace Liger's autograd Functions (torch 2.11 fails with an assertion
-        # in the first RMSNorm); inductor fuses RMSNorm, SwiGLU and RoPE itself.
-        log.info("compile: Liger's layer kernels left out (inductor fuses those ops)")
-    elif use_liger(args, device):
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    if use_liger(args, device):
+        if args.compile:
+            # Dynamo cannot trace Liger's autograd Functions (torch 2.11 fails with an
+            # assertion in the first RMSNorm); inductor fuses RMSNorm, SwiGLU and RoPE itself.
+            log.info("compile: Liger's layer kernels left out (inductor fuses those ops)")
+        else:
+            from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-        # The loss is chatft's own (train/loss.py); only the layer kernels are swapped.
-        _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True,
-                                        cross_entropy=False, fused_linear_cross_entropy=False)
-        log.info("liger kernels: fused RMSNorm, SwiGLU and RoPE")
+            # The loss is chatft's own (train/loss.py); only the layer kernels are swapped.
+            _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True,
+                                            cross_entropy=False, fused_linear_cross_entropy=False)
+            log.info("liger kernels: fused RMSNorm, SwiGLU and RoPE")
     if args.compile:
         # Layer by layer, so graph breaks elsewhere (loss, packing) do not matter, and with
         # dynamic shapes so each new packed length does not trigger a recompilation.
