@@ -58,15 +58,6 @@ def load_user_config(path: str) -> dict[str, Any]:
     return raw
 
 
-def user_precision(ds: dict[str, Any]) -> str | None:
-    """The precision a user's DeepSpeed JSON asks for explicitly (None: auto / unset)."""
-    for name in ("bf16", "fp16"):
-        enabled = ds.get(name, {}).get("enabled")
-        if enabled is True:
-            return name
-    return None
-
-
 def fill_auto(ds: dict[str, Any], cfg: Config, *, precision: str, total_steps: int,
               warmup_steps: int, hidden_size: int | None) -> tuple[dict[str, Any], list[str]]:
     """Replace every "auto" in ``ds``; returns ``(config, warnings)``.
