@@ -22,8 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("train_speed_cli", HERE / "train_speed.py")
 ts_cli = importlib.util.module_from_spec(_spec)
-sys.path.insert(0, str(HERE.parent / "src"))
-_spec.loader.exec_module(ts_cli)
+_spec.loader.exec_module(ts_cli)  # it puts this checkout's chatft and bench.lib on the path
 
 
 def merge(files: list[Path], recommended: str | None, notes: list[str] | None = None) -> dict:

@@ -10,7 +10,7 @@ by more than 15%.
 
     CHATFT_SHARED=/path/to/shared python bench/plan_calibration.py
 
-The library side is :mod:`chatft.bench.plan_calibration`.
+The library side is :mod:`bench.lib.plan_calibration`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (installed or not), bench.lib
 
-from chatft.bench.plan_calibration import main  # noqa: E402
+from bench.lib.plan_calibration import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@ Trains each variant with ``chatft train`` (3 epochs, records with index % 10 == 
 reports held-out loss before/after, training time and tokens/s, and the exported model's
 greedy answers to four identity questions with a persona check; prints a table, the answers
 and a last line of JSON, and writes ``bench/results/quality_smollm2_<label>.json``.
-The library code is :mod:`chatft.bench.quality`.
+The library code is :mod:`bench.lib.quality`.
 
     python bench/quality_smollm2.py --model-path SmolLM2-135M-Instruct.Q4_1.gguf --label h200
     python bench/quality_smollm2.py --limit 60 --epochs 1 --variants recommended,tutorial_hp \
@@ -16,12 +16,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-if SRC.is_dir():
-    sys.path.insert(0, str(SRC))  # this checkout's chatft, installed or not
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (installed or not), bench.lib
 
-from chatft.bench.quality import main
-from chatft.errors import ChatftError
+from bench.lib.quality import main  # noqa: E402
+from chatft.errors import ChatftError  # noqa: E402
 
 if __name__ == "__main__":
     try:

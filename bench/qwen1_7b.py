@@ -9,7 +9,7 @@ export and answers "你是谁"; prints a table and a last line of JSON, and writ
     python bench/qwen1_7b.py --label h200                     # one H200
     python bench/qwen1_7b.py --shape tiny --out /tmp/q1       # CPU smoke run
 
-The library side is :mod:`chatft.bench.qwen1`.
+The library side is :mod:`bench.lib.qwen1`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-if SRC.is_dir():
-    sys.path.insert(0, str(SRC))  # this checkout's chatft, installed or not
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (installed or not), bench.lib
 
-from chatft.bench.qwen1 import main  # noqa: E402
+from bench.lib.qwen1 import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

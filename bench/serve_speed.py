@@ -26,10 +26,13 @@ from pathlib import Path
 
 import aiohttp
 
-from chatft.bench import environment
-from chatft.bench.train_speed import percentile
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (installed or not), bench.lib
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.lib import environment  # noqa: E402
+from bench.lib.train_speed import percentile  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
 QUESTIONS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",

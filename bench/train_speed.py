@@ -12,7 +12,7 @@ file is rewritten after each variant. Prints a table and a last line of JSON, an
     python bench/train_speed.py --gpus 4 --variants all --steps 6
     python bench/train_speed.py --model-config tiny --gpus 2 --variants tutorial,chatft --steps 3
 
-The library side (recipe, runners, measurements) is :mod:`chatft.bench.train_speed`.
+The library side (recipe, runners, measurements) is :mod:`bench.lib.train_speed`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SRC = REPO / "src"
-sys.path.insert(0, str(SRC))  # this checkout's chatft, installed or not
+sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (installed or not), bench.lib
 
-from chatft.bench import environment  # noqa: E402
-from chatft.bench import train_speed as ts  # noqa: E402
+from bench.lib import checkout_env, environment  # noqa: E402
+from bench.lib import train_speed as ts  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 SHORT = ("tutorial", "chatft")
@@ -192,8 +191,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     shape = ts.MODEL_CONFIGS[args.model_config]
     params = ts.n_params(shape)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = checkout_env()
     env.setdefault("PYTHONUNBUFFERED", "1")
     if cpu_smoke:
         print("cpu smoke run: CPU processes, the tutorial's model in fp32 (no fp16 on a CPU), "

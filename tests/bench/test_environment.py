@@ -1,4 +1,4 @@
-"""What every benchmark result records about the run (chatft.bench.environment): versions,
+"""What every benchmark result records about the run (bench.lib.environment): versions,
 the git commit, the machine, and the nvidia-smi queries behind GPU facts."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 import chatft
-from chatft.bench import environment as env
-from chatft.bench.train_speed import gpu_memory_used
+from bench.lib import environment as env
+from bench.lib.train_speed import gpu_memory_used
 
 
 def _git(folder: Path, *args: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from chatft.bench.plan_calibration import (DEFAULT_RUNS, TOLERANCE, Measurements, evaluate,
+from bench.lib.plan_calibration import (DEFAULT_RUNS, TOLERANCE, Measurements, evaluate,
                                            job_and_strategy,
                                            load_measurements, main, outside_allocator_gib, refit,
                                            rounded)

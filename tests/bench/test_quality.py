@@ -1,4 +1,4 @@
-"""The quality benchmark's library (chatft.bench.quality): persona heuristic, metrics parsing,
+"""The quality benchmark's library (bench.lib.quality): persona heuristic, metrics parsing,
 the options each variant passes to ``chatft train``, the held-out check, and one end-to-end
 run on a tiny random model (real ``chatft train`` subprocess, real export, real answers)."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import chatft
-from chatft.bench import environment
-from chatft.bench import quality as q
+from bench.lib import environment
+from bench.lib import quality as q
 from tests.train.conftest import tiny_qwen2_dir  # noqa: F401  (fixture)
 
 # --------------------------------------------------------------------------- persona check

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import chatft
-from chatft.bench import environment
-from chatft.bench import qwen1 as bq
+from bench.lib import environment
+from bench.lib import qwen1 as bq
 from chatft.model import qwen1
 from chatft.model.qwen1 import expected_shapes, iter_converted_tensors, qwen2_config_from_qwen1
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from chatft.bench import train_speed as ts
+from bench.lib import train_speed as ts
 from chatft.config import load_config
 
 
@@ -143,7 +143,7 @@ def test_ablations_that_cannot_run_on_a_cpu_say_why():
 
 
 def test_tutorial_worker_entry_accepts_launcher_local_rank_first(capsys):
-    # DeepSpeed's launcher runs `-m chatft.bench.train_speed --local_rank=N tutorial ...`.
+    # DeepSpeed's launcher runs `-m bench.lib.train_speed --local_rank=N tutorial ...`.
     assert ts.main(["--local_rank=0"]) == 2
     assert "usage" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # "tutorial" found; its own parser then wants --model etc.

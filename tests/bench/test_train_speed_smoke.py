@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from chatft import __version__ as chatft_version
-from chatft.bench import environment
+from bench.lib import environment
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatft.bench import environment
+from bench.lib import environment
 
 GIB = 1 << 30
 #: Dense bf16 peak of one H200 (datasheet), the denominator of MFU.
@@ -238,7 +238,7 @@ def tutorial_worker(argv: list[str]) -> int:
     Trainer + the DeepSpeed JSON, stopping after ``--steps`` steps; the rank's measurements go
     to ``<out>/rank<R>.json``. ``--cpu-smoke`` keeps the model in fp32 (no fp16 on the CPU).
     """
-    p = argparse.ArgumentParser(prog="chatft.bench.train_speed tutorial")
+    p = argparse.ArgumentParser(prog="bench.lib.train_speed tutorial")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
@@ -589,7 +589,7 @@ def run_tutorial(ctx: BenchContext, out: Path) -> dict[str, Any]:
         old.unlink()
     (out / "ds_config.json").write_text(json.dumps(TUTORIAL_DS_CONFIG, indent=4))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ctx.gpus),
-           "--master_port", str(_free_port()), "--module", "chatft.bench.train_speed",
+           "--master_port", str(_free_port()), "--module", "bench.lib.train_speed",
            "tutorial", "--model", str(ctx.model_dir), "--data", str(ctx.data), "--out", str(out),
            "--steps", str(ctx.steps)] + (["--cpu-smoke"] if ctx.cpu_smoke else [])
     run = _run_tree(cmd, out / "log.txt", ctx.env, ctx.timeout_s, gpus=not ctx.cpu_smoke)
@@ -729,10 +729,10 @@ def ablation_skip_reason(name: str, cpu: bool) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m chatft.bench.train_speed tutorial ...``: one process of the tutorial recipe."""
+    """``python -m bench.lib.train_speed tutorial ...``: one process of the tutorial recipe."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "tutorial" not in argv:
-        print("usage: python -m chatft.bench.train_speed tutorial --model DIR --data FILE "
+        print("usage: python -m bench.lib.train_speed tutorial --model DIR --data FILE "
               "--out DIR --steps K [--cpu-smoke]\n(the benchmark itself: bench/train_speed.py)",
               file=sys.stderr)
         return 2

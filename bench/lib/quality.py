@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatft.bench import environment
+from bench.lib import environment
 
 #: The system prompt of the huanhuan tutorial; training records get it and questions use it.
 SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛."
@@ -266,7 +266,7 @@ def default_data_path() -> Path:
     shared = os.environ.get("CHATFT_SHARED")
     if shared:
         return Path(shared) / "data" / "huanhuan.json"
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "huanhuan.json"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "huanhuan.json"
 
 
 def resolve_device(device: str) -> str:
@@ -633,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line driver (``bench/quality_smollm2.py``)."""
     import argparse
 
-    results_dir = Path(__file__).resolve().parents[3] / "bench" / "results"
+    results_dir = Path(__file__).resolve().parents[2] / "bench" / "results"
     ap = argparse.ArgumentParser(
         description="Held-out loss and persona answers of chatft fine-tunes of "
                     "SmolLM2-135M-Instruct on huanhuan, per hyperparameter variant.")

@@ -18,7 +18,7 @@ benchmark proves that chatft takes that folder as it is, at full size, on one GP
 4. ``reload``: the exported folder loaded with plain ``AutoModelForCausalLM.from_pretrained``
    (through :func:`chatft.serve.generate.load_chat_model`) answering "你是谁" in ChatML.
 
-Every phase runs in its own process (``python -m chatft.bench.qwen1 write|reload`` for the two
+Every phase runs in its own process (``python -m bench.lib.qwen1 write|reload`` for the two
 that are not chatft commands), so each one's time and memory are its own and a crash loses only
 that phase. Weights are random: speed and memory do not depend on their values.
 ``bench/qwen1_7b.py`` is the command-line entry.
@@ -42,14 +42,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from chatft.bench import environment
-from chatft.bench.train_speed import (GIB, PEAK_FLOPS, TUTORIAL_SYSTEM, ProcessTreeSampler,
+from bench.lib import checkout_env, environment
+from bench.lib.train_speed import (GIB, PEAK_FLOPS, TUTORIAL_SYSTEM, ProcessTreeSampler,
                                       read_metrics, step_stats)
 
 if TYPE_CHECKING:
     import torch
 
-REPO = Path(__file__).resolve().parents[3]
+from bench.lib import REPO  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 
 # --------------------------------------------------------------------------- the folder
@@ -563,16 +564,14 @@ def _shared_dir() -> Path:
 def _child_env(workdir: Path) -> dict[str, str]:
     """This checkout's chatft first on the path; a fresh data cache (tokenizing is part of
     the job); output line by line (the stamps time the phases)."""
-    src = str(REPO / "src")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = checkout_env()
     env["PYTHONUNBUFFERED"] = "1"
     env["CHATFT_DATA_CACHE"] = str(workdir / "data-cache")
     return env
 
 
 def hardware(device: str, workdir: Path) -> dict[str, Any]:
-    """The machine (:func:`chatft.bench.environment.hardware`) and the disk under ``workdir``,
+    """The machine (:func:`bench.lib.environment.hardware`) and the disk under ``workdir``,
     which holds the random folder, the converted one and the export (each ~15 GB for 7B)."""
     hw = environment.hardware(device, gpu_count_key="gpu_count_visible")
     disk = shutil.disk_usage(workdir)
@@ -645,7 +644,7 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         if free < need:
             raise SystemExit(f"{opts.workdir}: {free / GIB:.1f} GiB free, the source and "
                              f"converted folders need ~{need / GIB:.1f} GiB (--workdir elsewhere)")
-        cmd = [sys.executable, "-m", "chatft.bench.qwen1", "write", str(src), "--shape",
+        cmd = [sys.executable, "-m", "bench.lib.qwen1", "write", str(src), "--shape",
                opts.shape, "--shards", str(opts.shards), "--tiktoken", str(opts.tiktoken)]
         run = run_phase(cmd, opts.workdir / "write.log", env, opts.timeout_s, gpu)
         written = _last_json(run)
@@ -680,7 +679,7 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
     # 4. reload the export and answer
     if phases["train"].get("exported"):
         say(f"reload: {run_dir / 'final'}")
-        cmd = [sys.executable, "-m", "chatft.bench.qwen1", "reload", str(run_dir / "final"),
+        cmd = [sys.executable, "-m", "bench.lib.qwen1", "reload", str(run_dir / "final"),
                "--question", opts.question, "--max-new-tokens", str(opts.max_new_tokens)]
         run = run_phase(cmd, opts.workdir / "reload.log", env, opts.timeout_s, gpu)
         answer = _last_json(run)
@@ -831,9 +830,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def child_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m chatft.bench.qwen1 write|reload ...``: one phase, its result as the last
+    """``python -m bench.lib.qwen1 write|reload ...``: one phase, its result as the last
     line of JSON."""
-    ap = argparse.ArgumentParser(prog="python -m chatft.bench.qwen1")
+    ap = argparse.ArgumentParser(prog="python -m bench.lib.qwen1")
     sub = ap.add_subparsers(dest="phase", required=True)
     w = sub.add_parser("write", help="write a random Qwen-1 folder")
     w.add_argument("folder", type=Path)

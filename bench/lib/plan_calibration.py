@@ -28,12 +28,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from chatft.bench import environment
+from bench.lib import REPO, environment
 from chatft.train.plan import (DEFAULT_CALIBRATION, GIB, Calibration, Job, Measurement, Strategy,
                                current_strategy, data_lengths, estimate, fit_calibration,
                                job_from_config, micro_batch_layout)
 
-REPO = Path(__file__).resolve().parents[3]
 RESULTS = REPO / "bench" / "results"
 DEFAULT_RUNS = RESULTS / "plan_measurements_h200.json"
 #: Acceptance: every prediction within this relative error of the measurement.
@@ -87,7 +86,7 @@ def derive_layouts(ms: Measurements, data: Path, tiktoken: Path, workdir: Path
     """(token budget, micro-batches) of every run, the way ``chatft plan`` derives them: the
     config's step plan replayed over the real sample lengths (huanhuan rendered by the Qwen
     tokenizer with the run's system prompt and ``max_length``)."""
-    from chatft.bench.train_speed import write_model_folder
+    from bench.lib.train_speed import write_model_folder
     from chatft.config import load_config
 
     folder = write_model_folder(workdir / "qwen2-7b", ms.meta["models"]["qwen2-7b"], tiktoken)

@@ -27,10 +27,9 @@ from typing import Any
 import chatft
 
 GIB = 1 << 30
-#: The folder this chatft was imported from: ``src/chatft/bench/environment.py`` -> the folder
-#: that holds ``src/``. A checkout when chatft runs from one (installed editable, or ``src`` on
-#: the path); for a package installed into site-packages it is no checkout of its own.
-CHECKOUT = Path(__file__).resolve().parents[3]
+#: The checkout the benchmarks run from: ``bench/lib/environment.py`` -> the repository root,
+#: whose ``src/`` holds the chatft the scripts put first on the path.
+CHECKOUT = Path(__file__).resolve().parents[2]
 #: Packages every result names, in this order; a benchmark adds the ones it uses.
 CORE_PACKAGES = ("torch", "transformers", "chatft")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
