@@ -31,6 +31,7 @@ sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (install
 
 from bench.lib import checkout_env, environment  # noqa: E402
 from bench.lib import train_speed as ts  # noqa: E402
+from chatft.train.plan.hardware import host_memory  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 SHORT = ("tutorial", "chatft")
@@ -257,7 +258,7 @@ def main() -> int:
             skip = ts.ablation_skip_reason(name, cpu_smoke)
         if name == "tutorial" and not args.force:
             need = ts.tutorial_host_memory_needed(params)
-            host = environment.host_memory_bytes()
+            host = host_memory().usable  # the planner's probe: RAM, or the container's limit
             if need > 0.95 * host:
                 skip = (f"the recipe needs ~{need / ts.GIB:.0f} GiB of host memory (141 GiB "
                         f"measured for 7B), this machine has {host / ts.GIB:.0f} GiB; "

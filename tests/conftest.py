@@ -52,6 +52,20 @@ def qwen_tokenizer_dir(tmp_path_factory, qwen_tokenizer) -> Path:
     return folder
 
 
+@pytest.fixture
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    """Put an ``nvidia-smi`` first on PATH that prints ``stdout`` and exits with ``rc``."""
+    def install(stdout: str, rc: int = 0) -> Path:
+        script = tmp_path / "bin" / "nvidia-smi"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\n"
+                          f"printf '{stdout}'\nexit {rc}\n")
+        script.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+        return tmp_path / "args"
+    return install
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session caches tokenized data in its own folder, never in ~/.cache —

@@ -5,9 +5,11 @@ Every benchmark writes two records of the same shape into its result file:
 * ``versions`` (:func:`versions`): Python, torch, transformers, chatft and the packages the
   benchmark adds, the CUDA release torch was built with, and the git commit of the chatft
   checkout;
-* ``hardware`` (:func:`hardware`): CPU model and cores, host memory, torch's thread count, the
-  load average when the benchmark started, ``CUDA_VISIBLE_DEVICES``, and on CUDA the GPU's name,
-  count, memory and driver.
+* ``hardware`` (:func:`hardware`): CPU model and cores, host memory (the machine's RAM and the
+  container's limit, read by the memory planner's own probe,
+  :func:`chatft.train.plan.hardware.host_memory`), torch's thread count, the load average when
+  the benchmark started, ``CUDA_VISIBLE_DEVICES``, and on CUDA the GPU's name, count, memory
+  and driver.
 
 A package that is not installed is recorded as ``None``; so is a fact this machine cannot tell
 (no ``nvidia-smi``, no git, a checkout without commits).
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import chatft
+from chatft.train.plan.hardware import host_memory, nvidia_smi
 
 GIB = 1 << 30
 #: The checkout the benchmarks run from: ``bench/lib/environment.py`` -> the repository root,
@@ -90,34 +93,6 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or ""
 
 
-def host_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """The machine's RAM (``MemTotal`` of ``/proc/meminfo``; a container's limit is not
-    applied), 0 where it cannot be read."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024  # the file counts kB of 1024 bytes
-    except OSError:
-        pass
-    return 0
-
-
-def nvidia_smi(*fields: str) -> list[list[str]] | None:
-    """``nvidia-smi --query-gpu=<fields>``: one row per GPU in nvidia-smi's order, the values
-    as strings without units (``memory.used`` in MiB). None where nvidia-smi is missing, hangs
-    or fails."""
-    try:
-        res = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if res.returncode != 0:
-        return None
-    return [[value.strip() for value in line.split(",")] for line in res.stdout.splitlines()
-            if line.strip()]
-
-
 def hardware(device: str, *, gpu_count_key: str = "gpu_count") -> dict[str, Any]:
     """The machine a benchmark runs on, taken when it starts. ``device`` is where the
     measured work runs (``cpu``, ``cuda``, ``cuda:1``); the GPU's facts are recorded only for a
@@ -127,9 +102,12 @@ def hardware(device: str, *, gpu_count_key: str = "gpu_count") -> dict[str, Any]
     result files compare key for key."""
     import torch
 
+    memory = host_memory()
     hw: dict[str, Any] = {
         "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
-        "host_memory_gib": round(host_memory_bytes() / GIB, 1),
+        "host_memory_gib": round(memory.total / GIB, 1),
+        # the container's limit when it is below the RAM (what the planner budgets with)
+        "host_memory_limit_gib": round(memory.limit / GIB, 1) if memory.limit is not None else None,
         # torch's default intra-op threads here; child processes started with this
         # environment get the same unless their command sets them.
         "torch_threads": torch.get_num_threads(),

@@ -4,11 +4,12 @@
 H200 (peak ``torch.cuda.max_memory_allocated`` of the largest rank, reserved memory, nvidia-smi's
 used memory, peak host RSS of the process tree), each with the chatft options that define the
 job and where its numbers were read. For every run this module rebuilds the planner's
-:class:`~chatft.train.plan.Job` from those options exactly as ``chatft plan`` does (the token
-budget of the largest micro-batch comes from :func:`~chatft.train.plan.micro_batch_layout` on
-the real data with the Qwen tokenizer), then compares :func:`~chatft.train.plan.estimate` with
-the measurement twice: with the planner's committed calibration and with one refitted on these
-runs (:func:`~chatft.train.plan.fit_calibration`; the CUDA context and NCCL's buffers, which
+:class:`~chatft.train.plan.cost.Job` from those options exactly as ``chatft plan`` does (the
+token budget of the largest micro-batch comes from
+:func:`~chatft.train.plan.apply.micro_batch_layout` on the real data with the Qwen tokenizer),
+then compares :func:`~chatft.train.plan.cost.estimate` with the measurement twice: with the
+planner's committed calibration (the constants in ``chatft/train/plan/cost.py``) and with one
+refitted on these runs (:func:`fit_calibration`; the CUDA context and NCCL's buffers, which
 PyTorch's allocator does not see, from nvidia-smi's used memory minus torch's reserved memory).
 
 ``bench/plan_calibration.py`` is the command-line entry.
@@ -29,14 +30,86 @@ from pathlib import Path
 from typing import Any
 
 from bench.lib import REPO, environment
-from chatft.train.plan import (DEFAULT_CALIBRATION, GIB, Calibration, Job, Measurement, Strategy,
-                               current_strategy, data_lengths, estimate, fit_calibration,
-                               job_from_config, micro_batch_layout)
+from chatft.train.plan.apply import (current_strategy, data_lengths, job_from_config,
+                                     micro_batch_layout)
+from chatft.train.plan.cost import (DEFAULT_CALIBRATION, GIB, Calibration, Job, Strategy, estimate,
+                                    gpu_phases)
 
 RESULTS = REPO / "bench" / "results"
 DEFAULT_RUNS = RESULTS / "plan_measurements_h200.json"
 #: Acceptance: every prediction within this relative error of the measurement.
 TOLERANCE = 0.15
+
+
+# --------------------------------------------------------------------------- the fit
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One benchmarked run: what ran and the peaks seen (GiB; host None when not measured)."""
+
+    job: Job
+    strategy: Strategy
+    gpu_gib: float
+    host_gib: float | None = None
+
+
+def fit_calibration(rows: Sequence[Measurement], base: Calibration = DEFAULT_CALIBRATION) -> Calibration:
+    """Refit the constants from measured peaks.
+
+    GPU: each row's peak is ``states + fixed + factor * activations`` (the parts of its peak
+    phase; a peak at the optimizer step has no activations), a line in (factor, fixed). With
+    two or more distinct activation sizes both are solved by least squares on the relative
+    errors (each row weighted by 1/measured^2, so a 7 GiB run counts as much as a 130 GiB one),
+    with one only the factor (the fixed part kept). Which phase peaks depends on the constants,
+    so the fit repeats until no row changes phase. Host: the per-process baseline is the mean of
+    ``(measured - the rest) / processes``.
+    """
+    if not rows:
+        return base
+    # Per row: (states of the backward phase, raw activations, states of the step phase), GiB.
+    pieces = []
+    for r in rows:
+        phases = gpu_phases(r.job, r.strategy, 1.0, 0)
+        (_, back), (_, step) = phases.items()
+        act = back["activations"]
+        pieces.append(((sum(back.values()) - act) / GIB, act / GIB, sum(step.values()) / GIB))
+    factor, fixed = base.activation_factor, base.gpu_fixed_gib
+    in_step: list[bool] | None = None
+    for _ in range(20):
+        now = [b + factor * a < st for b, a, st in pieces]  # the step is this row's peak
+        if now == in_step:
+            break
+        in_step = now
+        xs = [0.0 if st_peak else a for (b, a, st), st_peak in zip(pieces, in_step)]
+        ys = [r.gpu_gib - (st if st_peak else b) for r, (b, a, st), st_peak in zip(rows, pieces, in_step)]
+        ws = [1.0 / max(r.gpu_gib, 1e-9) ** 2 for r in rows]
+        sw = sum(ws)
+        mx = sum(w * x for w, x in zip(ws, xs)) / sw
+        my = sum(w * y for w, y in zip(ws, ys)) / sw
+        sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+        if len(rows) >= 2 and sxx > 1e-9 * sw * max(1.0, mx * mx):
+            factor = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sxx
+            fixed = my - factor * mx
+            if fixed < 0:  # memory cannot be negative: the best line through no fixed part
+                fixed = 0.0
+                sxx0 = sum(w * x * x for w, x in zip(ws, xs))
+                factor = sum(w * x * y for w, x, y in zip(ws, xs, ys)) / sxx0 if sxx0 else factor
+        else:
+            fixed = base.gpu_fixed_gib
+            factor = (my - fixed) / mx if mx > 0 else base.activation_factor
+    out = replace(base, activation_factor=factor, gpu_fixed_gib=fixed)
+    host = [r for r in rows if r.host_gib is not None]
+    if host:
+        per = []
+        for r in host:
+            probe = estimate(r.job, r.strategy, replace(out, host_process_gib=0.0))
+            per.append((r.host_gib - probe.host_gib) / r.job.procs_per_node)
+        out = replace(out, host_process_gib=sum(per) / len(per))
+    return out
+
+
+# --------------------------------------------------------------------------- the measured runs
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.lib import environment
+from chatft.train.plan.hardware import nvidia_smi
 
 GIB = 1 << 30
 #: Dense bf16 peak of one H200 (datasheet), the denominator of MFU.
@@ -446,7 +446,7 @@ def rss_bytes(pid: int) -> int:
 
 def gpu_memory_used() -> dict[int, int] | None:
     """Memory in use on each GPU as the driver sees it (bytes by nvidia-smi index), or None."""
-    rows = environment.nvidia_smi("index", "memory.used")
+    rows = nvidia_smi("index", "memory.used")
     return None if rows is None else {int(idx): int(mib) << 20 for idx, mib in rows}
 
 

@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
-    from chatft.train.plan import plan_command
+    from chatft.train.plan.apply import plan_command
 
     config, overrides = _leading_config(rest)
     return plan_command(load_config(config, overrides), gpus=args.gpus, gpu_mem=args.gpu_mem,

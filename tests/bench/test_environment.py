@@ -1,5 +1,5 @@
 """What every benchmark result records about the run (bench.lib.environment): versions,
-the git commit, the machine, and the nvidia-smi queries behind GPU facts."""
+the git commit, the machine (host memory and GPUs from the planner's probe)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 
 import chatft
 from bench.lib import environment as env
 from bench.lib.train_speed import gpu_memory_used
+from chatft.train.plan.hardware import host_memory
 
 
 def _git(folder: Path, *args: str) -> str:
@@ -53,52 +53,30 @@ def test_versions_name_chatft_from_the_imported_code(monkeypatch):
     assert v["git_commit"] == env.git_commit()
 
 
-def test_cpu_model_and_host_memory_are_read_from_proc_files(tmp_path):
+def test_cpu_model_is_read_from_proc_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\n"
                        "model name\t: AMD EPYC 7B13 64-Core Processor\nprocessor\t: 1\n")
     assert env.cpu_model(cpuinfo) == "AMD EPYC 7B13 64-Core Processor"
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       25165824 kB\nMemFree:         1000 kB\n")
-    assert env.host_memory_bytes(meminfo) == 24 * (1 << 30)  # 25165824 KiB = 24 GiB
-    assert env.host_memory_bytes(tmp_path / "missing") == 0
 
 
 def test_hardware_on_the_cpu_records_no_gpu():
     hw = env.hardware("cpu", gpu_count_key="gpus_visible")
     assert hw["cpu_cores"] == os.cpu_count() and hw["host_memory_gib"] > 0
+    # host memory is the planner's own probe: the same RAM and limit it budgets with
+    memory = host_memory()
+    assert hw["host_memory_gib"] == round(memory.total / 2**30, 1)
+    assert hw["host_memory_limit_gib"] == (None if memory.limit is None else round(memory.limit / 2**30, 1))
     assert len(hw["load_average_at_start"]) == 3
     assert hw["cuda_visible_devices"] == os.environ.get("CUDA_VISIBLE_DEVICES")
     assert not {"gpu", "gpus_visible", "gpu_memory_gib", "driver"} & set(hw)
 
 
-@pytest.fixture
-def fake_nvidia_smi(tmp_path, monkeypatch):
-    """Put an ``nvidia-smi`` first on PATH that prints ``stdout`` and exits with ``rc``."""
-    def install(stdout: str, rc: int = 0) -> Path:
-        script = tmp_path / "bin" / "nvidia-smi"
-        script.parent.mkdir(exist_ok=True)
-        script.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\n"
-                          f"printf '{stdout}'\nexit {rc}\n")
-        script.chmod(0o755)
-        monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
-        return tmp_path / "args"
-    return install
-
-
-def test_nvidia_smi_rows_and_gpu_memory_in_use(fake_nvidia_smi):
-    args = fake_nvidia_smi("0, 1024\\n1, 81559\\n")
-    assert env.nvidia_smi("index", "memory.used") == [["0", "1024"], ["1", "81559"]]
-    assert args.read_text().split() == ["--query-gpu=index,memory.used",
-                                        "--format=csv,noheader,nounits"]
+def test_gpu_memory_in_use(fake_nvidia_smi):
+    fake_nvidia_smi("0, 1024\\n1, 81559\\n")
     assert gpu_memory_used() == {0: 1024 << 20, 1: 81559 << 20}  # MiB -> bytes
-
-
-def test_nvidia_smi_failing_or_missing_is_none(fake_nvidia_smi, monkeypatch, tmp_path):
     fake_nvidia_smi("NVIDIA-SMI has failed\\n", rc=9)
-    assert env.nvidia_smi("driver_version") is None and gpu_memory_used() is None
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert env.nvidia_smi("driver_version") is None
+    assert gpu_memory_used() is None
 
 
 def test_hardware_on_cuda_records_the_chosen_gpu(fake_nvidia_smi, monkeypatch):

@@ -1,6 +1,7 @@
-"""The planner's committed calibration against the peaks measured on H200
-(bench/results/plan_measurements_h200.json): every run within ±15%, the defaults equal to the
-refit, and the stored token budgets equal to what ``chatft plan`` derives from the data."""
+"""The planner's calibration: the fit on synthetic measurements, and the committed constants
+against the peaks measured on H200 (bench/results/plan_measurements_h200.json): every run within
+±15%, the defaults equal to the refit, and the stored token budgets equal to what ``chatft plan``
+derives from the data."""
 
 from __future__ import annotations
 
@@ -9,11 +10,57 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from bench.lib.plan_calibration import (DEFAULT_RUNS, TOLERANCE, Measurements, evaluate,
-                                           job_and_strategy,
-                                           load_measurements, main, outside_allocator_gib, refit,
-                                           rounded)
-from chatft.train.plan import DEFAULT_CALIBRATION
+from bench.lib.plan_calibration import (DEFAULT_RUNS, TOLERANCE, Measurement, Measurements,
+                                        evaluate, fit_calibration, job_and_strategy,
+                                        load_measurements, main, outside_allocator_gib, refit,
+                                        rounded)
+from chatft.train.plan.cost import DEFAULT_CALIBRATION, GIB, Calibration, Job, Strategy, estimate
+from chatft.train.plan.shape import ModelShape
+from tests.train.conftest import QWEN2_7B
+
+SEVEN_B = ModelShape.from_config(QWEN2_7B)
+
+
+def test_fit_reproduces_synthetic_measurements():
+    truth = Calibration(activation_factor=1.23, gpu_fixed_gib=2.5, host_process_gib=4.25)
+    rows = []
+    for tokens, k, strategy in ((2048, 0, Strategy("torch")), (8192, 0, Strategy("torch")),
+                                (8192, 28, Strategy("torch")),
+                                (4096, 14, Strategy("deepspeed", 3, True, True))):
+        job = Job(SEVEN_B, tokens=tokens)
+        s = replace(strategy, checkpoint_layers=k)
+        e = estimate(job, s, truth)
+        rows.append(Measurement(job, s, e.gpu_gib, e.host_gib))
+    fitted = fit_calibration(rows)
+    assert fitted.activation_factor == pytest.approx(1.23, rel=1e-9)
+    assert fitted.gpu_fixed_gib == pytest.approx(2.5, rel=1e-9)
+    assert fitted.host_process_gib == pytest.approx(4.25, rel=1e-9)
+    # one row: only the factor moves
+    one = fit_calibration(rows[1:2], replace(truth, activation_factor=1.0))
+    assert one.activation_factor == pytest.approx(1.23, rel=1e-9) and one.gpu_fixed_gib == 2.5
+
+
+def test_fit_keeps_the_fixed_part_at_zero_or_above():
+    truth = Calibration(activation_factor=1.1, gpu_fixed_gib=0.0)
+    rows = []
+    for tokens in (1024, 4096, 8192):
+        job = Job(SEVEN_B, tokens=tokens)
+        e = estimate(job, Strategy("torch"), truth)
+        rows.append(Measurement(job, Strategy("torch"), e.gpu_gib))
+    # the smallest run measured 1 GiB lower: the unconstrained line would cross below zero
+    rows[0] = replace(rows[0], gpu_gib=rows[0].gpu_gib - 1.0)
+    fitted = fit_calibration(rows)
+    assert fitted.gpu_fixed_gib == 0.0
+    # the line through the origin, weighted by 1/measured^2, from the activations themselves
+    acts = [estimate(r.job, r.strategy, replace(truth, activation_factor=1.0)).gpu_parts["activations"] / GIB
+            for r in rows]
+    states = [estimate(r.job, r.strategy, truth).gpu_gib - 1.1 * a for r, a in zip(rows, acts)]
+    w = [1 / r.gpu_gib ** 2 for r in rows]
+    expect = sum(wi * a * (r.gpu_gib - st) for wi, a, r, st in zip(w, acts, rows, states)) / \
+        sum(wi * a * a for wi, a in zip(w, acts))
+    assert fitted.activation_factor == pytest.approx(expect, rel=1e-6) and expect < 1.1
+
+
 
 
 @pytest.fixture(scope="module")

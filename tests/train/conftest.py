@@ -13,6 +13,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+#: Qwen2-7B's config.json shape (untied embeddings, q/k/v biases), for the memory planner's tests.
+QWEN2_7B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
+                intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6)
+
 TINY_QWEN2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
                   rms_norm_eps=1e-6, rope_theta=10000.0)

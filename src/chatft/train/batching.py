@@ -44,6 +44,10 @@ import torch
 
 from chatft.data.labels import IGNORE_INDEX, shifted_targets
 
+#: On CUDA, packed rows are padded to a multiple of this many tokens: fewer distinct shapes for
+#: the GPU kernels (and for the memory planner, which sizes micro-batches the same way).
+CUDA_TOKEN_MULTIPLE = 64
+
 
 def epoch_order(n_samples: int, seed: int, epoch: int) -> np.ndarray:
     """The sample order of one epoch (a permutation of ``range(n_samples)``)."""

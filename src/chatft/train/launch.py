@@ -19,7 +19,7 @@ from pathlib import Path
 from chatft.config import Config
 from chatft.data.steps import PreparedData, prepare_data, print_summary
 from chatft.model.loading import load_tokenizer, resolve_model
-from chatft.train.plan import auto_plan
+from chatft.train.plan.apply import auto_plan
 
 CONFIG_FILE = "chatft_config.json"
 

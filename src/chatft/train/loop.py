@@ -32,11 +32,12 @@ from chatft.data.steps import prepare_data
 from chatft.model.build import build_model, use_liger
 from chatft.model.loading import load_tokenizer, model_config, resolve_model
 from chatft.train import checkpoint as ckpt
-from chatft.train.batching import (StepPlan, eval_plans, pack, pad, plan_step, steps_per_epoch)
+from chatft.train.batching import (CUDA_TOKEN_MULTIPLE, StepPlan, eval_plans, pack, pad, plan_step,
+                                   steps_per_epoch)
 from chatft.train.engine import (DTYPES, DeepSpeedEngine, Engine, TorchEngine, resolve_precision,
                                  training_device)
 from chatft.train.metrics import CURVE_FILE, MetricsLog, plot_loss_curve
-from chatft.train.plan import explain_out_of_memory
+from chatft.train.plan.apply import explain_out_of_memory
 from chatft.train.schedule import lr_at, warmup_steps_for
 
 log = logging.getLogger("chatft")
@@ -179,7 +180,7 @@ def train(cfg: Config) -> TrainResult:
     rank, world = init_distributed(cfg)
     device = training_device()
     if cfg.train.max_gpu_memory and device.type == "cuda":
-        from chatft.train.plan import parse_size
+        from chatft.train.plan.hardware import parse_size
 
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(cfg.train.max_gpu_memory) / total), device)
@@ -198,7 +199,7 @@ def train(cfg: Config) -> TrainResult:
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
     warmup = warmup_steps_for(total_steps, t.warmup_steps, t.warmup_ratio)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    multiple = 64 if device.type == "cuda" else 1  # fewer distinct shapes for GPU kernels
+    multiple = CUDA_TOKEN_MULTIPLE if device.type == "cuda" else 1
 
     with explain_out_of_memory(cfg, train_data.lengths):  # out of GPU memory: say what fits
         engine = make_engine(cfg, source, precision, device, total_steps, warmup)

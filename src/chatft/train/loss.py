@@ -23,6 +23,10 @@ from torch.utils.checkpoint import checkpoint
 
 from chatft.data.labels import IGNORE_INDEX
 
+#: Rows of the chunked cross-entropy whose logits exist at once (``[rows, V]`` in fp32); the
+#: memory planner counts them.
+LOSS_CHUNK_ROWS = 2048
+
 
 def _chunk_ce_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = lm_head(hidden).float()  # [n, V], freed after the forward of this chunk
@@ -30,7 +34,7 @@ def _chunk_ce_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 
 
 def chunked_linear_cross_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                                 chunk_size: int = 2048) -> torch.Tensor:
+                                 chunk_size: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
     """``sum_i CE(lm_head(hidden[i]), targets[i])`` with at most ``chunk_size x V`` logits alive.
 
     ``hidden``: ``[N, H]``; ``targets``: ``[N]`` (no ignored entries). Each chunk is
@@ -53,7 +57,8 @@ class CausalLMLoss(nn.Module):
     ``self.model`` stays a plain transformers model, which export saves unchanged.
     """
 
-    def __init__(self, model: nn.Module, fused_kernel: str = "chunked", chunk_size: int = 2048):
+    def __init__(self, model: nn.Module, fused_kernel: str = "chunked",
+                 chunk_size: int = LOSS_CHUNK_ROWS):
         super().__init__()
         self.model = model
         self.fused_kernel = fused_kernel

@@ -15,6 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: Elements :class:`MasterWeightAdamW` upcasts to fp32 at once (at least; a chunk closes once it
+#: reaches this size). The memory planner counts this chunk at the optimizer step.
+MASTER_CHUNK_NUMEL = 1 << 28
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only; biases and norm weights (1-D) get none, as usual for AdamW."""
@@ -41,7 +45,7 @@ class MasterWeightAdamW:
     """AdamW on fp32 master copies of low-precision parameters, stepped chunk by chunk."""
 
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
-                 device: torch.device, chunk_numel: int = 1 << 28):
+                 device: torch.device, chunk_numel: int = MASTER_CHUNK_NUMEL):
         # chunks: list of (model params, their fp32 masters, an AdamW over the masters)
         self.chunks: list[tuple[list[nn.Parameter], list[torch.Tensor], torch.optim.AdamW]] = []
         for group in groups:

@@ -1,7 +1,6 @@
-"""The memory planner: parameter counts, byte-exact model states and activations by hand,
-activations checked against what autograd really saves, partial recomputation, the 7B
-small-memory modes, the recommendation, ``--plan auto``, the out-of-memory advice, the
-calibration fit, and ``chatft plan`` as users run it."""
+"""The memory planner's cost model: parameter counts, byte-exact model states and activations
+by hand, activations checked against what autograd really saves, partial recomputation, the 7B
+reference measurement, and DeepSpeed's real host footprint with everything offloaded."""
 
 from __future__ import annotations
 
@@ -10,28 +9,16 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from chatft.config import load_config
-from chatft.errors import ChatftError
-from chatft.train.plan import (GIB, Calibration, DeepSpeedSizes, Job, Measurement, ModelShape,
-                               Strategy, _gpu_states, activation_peak_bytes, apply_plan, estimate,
-                               explain_out_of_memory, fewest_checkpoint_layers, fit_calibration,
-                               format_plan, job_from_config, layer_activation_bytes, loss_bytes,
-                               make_plan, micro_batch_layout, out_of_memory_message, parse_size,
-                               plan_to_json, token_budget)
+from chatft.train.plan.cost import (GIB, Calibration, DeepSpeedSizes, Job, Strategy, _gpu_states,
+                                    activation_peak_bytes, estimate, layer_activation_bytes,
+                                    loss_bytes)
+from chatft.train.plan.shape import ModelShape
+from tests.train.conftest import QWEN2_7B
 
-REPO = Path(__file__).resolve().parents[2]
-
-#: Qwen2-7B's config.json shape (untied embeddings, q/k/v biases).
-QWEN2_7B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
-                intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-                max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6)
 SEVEN_B = ModelShape.from_config(QWEN2_7B)
 
 #: A Qwen2 small enough to count by hand: h 8, i 16, 2 layers, 2 heads of 4, 1 kv head, V 32.
@@ -43,7 +30,8 @@ TINY_P = 1736
 SMALL_DS = DeepSpeedSizes(reduce_bucket_size=1000, prefetch_bucket_size=100,
                           max_live_parameters=10_000, sub_group_size=10_000)
 #: Round constants for hand arithmetic (the fitted defaults are checked against measurements
-#: in test_plan_calibration.py): 1 GiB fixed, activations as counted, 3 GiB per host process.
+#: in tests/bench/test_plan_calibration.py): 1 GiB fixed, activations as counted, 3 GiB per
+#: host process.
 ROUND = Calibration(activation_factor=1.0, gpu_fixed_gib=1.0, context_gib=0.5, comm_gib=1.0,
                     host_process_gib=3.0, host_launcher_gib=1.0)
 
@@ -178,17 +166,6 @@ def test_fused_loss_counts_lm_head_gradient_once():
     assert _gpu_states(job, Strategy("deepspeed", 3)).resident["module grads"] == 2 * 32 * 8
 
 
-def test_planned_attention_is_what_the_gpu_engine_will_use():
-    from chatft.model.attention import varlen_takes_gqa
-    from chatft.model.build import resolve_attention
-
-    job = job_from_config(load_config(None, []), QWEN2_7B, 4096)
-    assert job.attention == resolve_attention("auto", torch.device("cuda"))
-    assert job.varlen_takes_gqa == (job.attention == "varlen" and varlen_takes_gqa())
-    assert job_from_config(load_config(None, ["--attn_implementation", "sdpa"]), QWEN2_7B,
-                           4096).attention == "sdpa"
-
-
 def _saved_bytes_per_layer(attn: str, checkpointing: bool, T: int = 96) -> tuple[int, ModelShape]:
     """Bytes autograd saves for layer 1 of a 3-layer bf16 Qwen2 on a packed row of two samples,
     counting only storages that are neither parameters nor shared with other layers."""
@@ -294,32 +271,6 @@ def test_reference_7b_measurement_is_reproduced():
     assert estimate(job, Strategy("torch")).gpu_parts["bf16 weights"] / GIB == pytest.approx(14.18, abs=0.01)
 
 
-def test_seven_b_on_a_24_gib_gpu():
-    budget = 24 * GIB
-    job = Job(SEVEN_B, tokens=4096, gpus=1)
-    full_offload = Strategy("deepspeed", 3, offload_optimizer=True, offload_param=True)
-    k = fewest_checkpoint_layers(job, full_offload, budget)
-    assert k is not None and 0 < k <= 28
-    fit = estimate(job, replace(full_offload, checkpoint_layers=k))
-    assert fit.gpu_bytes <= 0.95 * budget
-    # plain bf16 holds 16 bytes per parameter on the GPU: never fits, recomputing or not
-    assert fewest_checkpoint_layers(job, Strategy("torch"), budget) is None
-    assert estimate(job, Strategy("torch", checkpoint_layers=28)).gpu_gib > 113
-    # Host: DeepSpeed keeps 20 bytes per parameter of this mode on the host (bf16 parameters 2,
-    # fp32 masters 4, Adam 8, fp32 gradients 4, bf16 gradient buffer 2): 141.8 GiB for 7.6B,
-    # so the mode needs ~160 GiB of host memory with the export at the end, not 128 GiB.
-    assert fit.host_parts["offloaded states"] == 20 * SEVEN_B.n_params
-    assert 150 < fit.host_gib < 165 and fit.host_phase == "export"
-    plan = make_plan(job, budget, 128 * GIB)
-    row = plan.row(replace(full_offload, checkpoint_layers=k))
-    assert row is not None and row.fits_gpu and not row.fits_host
-    assert plan.recommended is None  # nothing fits 24 GiB + 128 GiB; the table says why
-    assert "nothing fits" in format_plan(plan).splitlines()[-1]
-    # with a larger host, an offloading strategy is the one that fits a 24 GiB GPU
-    roomy = make_plan(job, budget, 192 * GIB).recommended
-    assert roomy is not None and roomy.strategy.offload_optimizer
-
-
 def _host_bytes_per_param_in_deepspeed() -> float:
     script = textwrap.dedent('''
         import gc, json, os, torch
@@ -375,242 +326,3 @@ def test_deepspeed_really_keeps_20_bytes_per_parameter_with_full_offload():
     planned = estimate(job, Strategy("deepspeed", 3, True, True)).host_parts["offloaded states"]
     assert planned == 20 * shape.n_params
     assert per_param == pytest.approx(20.0, abs=0.05)
-
-
-def test_recommendation_is_the_fastest_that_fits():
-    for gpus, gpu, host in ((1, 141, 128), (4, 141, 512), (1, 24, 192), (2, 80, 256)):
-        plan = make_plan(Job(SEVEN_B, tokens=8192, gpus=gpus), gpu * GIB, host * GIB)
-        fitting = [r for r in plan.rows if r.fits]
-        assert fitting and plan.recommended in fitting
-        assert plan.recommended.relative_speed == max(r.relative_speed for r in fitting)
-        assert max(r.relative_speed for r in plan.rows) == pytest.approx(1.0)
-        for r in plan.rows:
-            assert r.fits_gpu == (r.estimate.gpu_device_bytes <= 0.95 * gpu * GIB)
-        if gpus > 1:
-            assert all(r.strategy.backend == "deepspeed" for r in plan.rows)
-    # one H200: plain PyTorch with recomputation of some layers beats offloading
-    plan = make_plan(Job(SEVEN_B, tokens=8192), 141 * GIB, 128 * GIB)
-    rec = plan.recommended.strategy
-    assert rec.backend == "torch" and 0 < rec.checkpoint_layers < 28
-    # more recomputation, fewer GiB and less speed; offload is the slowest
-    none, some = plan.row(Strategy("torch")), plan.row(rec)
-    assert none.estimate.gpu_bytes > some.estimate.gpu_bytes and none.relative_speed > some.relative_speed
-    offload = [r for r in plan.rows if r.strategy.offload_optimizer]
-    assert max(r.relative_speed for r in offload) < min(r.relative_speed for r in plan.rows
-                                                         if not r.strategy.offload_optimizer)
-
-
-def test_format_and_json():
-    plan = make_plan(Job(SEVEN_B, tokens=8192), 141 * GIB, 128 * GIB)
-    text = format_plan(plan)
-    lines = text.splitlines()
-    assert lines[-1].startswith("recommended: plain, recompute ")
-    assert "--gradient_checkpointing on --checkpoint_layers" in lines[-1]
-    header = next(i for i, line in enumerate(lines) if line.startswith("strategy"))
-    rows = lines[header + 1:header + 1 + len(plan.rows)]
-    end = lines[header].index("GPU GiB") + len("GPU GiB")
-    for row, r in zip(rows, plan.rows):
-        assert row[:end].endswith(f"{r.estimate.gpu_gib:.1f}")  # right-aligned, one decimal
-    data = json.loads(json.dumps(plan_to_json(plan)))
-    assert data["job"]["model"]["n_params"] == 7_615_616_512
-    assert data["recommended"]["options"] == plan.recommended.strategy.options(28)
-    assert len(data["rows"]) == len(plan.rows)
-
-
-def test_fit_reproduces_synthetic_measurements():
-    truth = Calibration(activation_factor=1.23, gpu_fixed_gib=2.5, host_process_gib=4.25)
-    rows = []
-    for tokens, k, strategy in ((2048, 0, Strategy("torch")), (8192, 0, Strategy("torch")),
-                                (8192, 28, Strategy("torch")),
-                                (4096, 14, Strategy("deepspeed", 3, True, True))):
-        job = Job(SEVEN_B, tokens=tokens)
-        s = replace(strategy, checkpoint_layers=k)
-        e = estimate(job, s, truth)
-        rows.append(Measurement(job, s, e.gpu_gib, e.host_gib))
-    fitted = fit_calibration(rows)
-    assert fitted.activation_factor == pytest.approx(1.23, rel=1e-9)
-    assert fitted.gpu_fixed_gib == pytest.approx(2.5, rel=1e-9)
-    assert fitted.host_process_gib == pytest.approx(4.25, rel=1e-9)
-    # one row: only the factor moves
-    one = fit_calibration(rows[1:2], replace(truth, activation_factor=1.0))
-    assert one.activation_factor == pytest.approx(1.23, rel=1e-9) and one.gpu_fixed_gib == 2.5
-
-
-def test_fit_keeps_the_fixed_part_at_zero_or_above():
-    truth = Calibration(activation_factor=1.1, gpu_fixed_gib=0.0)
-    rows = []
-    for tokens in (1024, 4096, 8192):
-        job = Job(SEVEN_B, tokens=tokens)
-        e = estimate(job, Strategy("torch"), truth)
-        rows.append(Measurement(job, Strategy("torch"), e.gpu_gib))
-    # the smallest run measured 1 GiB lower: the unconstrained line would cross below zero
-    rows[0] = replace(rows[0], gpu_gib=rows[0].gpu_gib - 1.0)
-    fitted = fit_calibration(rows)
-    assert fitted.gpu_fixed_gib == 0.0
-    # the line through the origin, weighted by 1/measured^2, from the activations themselves
-    acts = [estimate(r.job, r.strategy, replace(truth, activation_factor=1.0)).gpu_parts["activations"] / GIB
-            for r in rows]
-    states = [estimate(r.job, r.strategy, truth).gpu_gib - 1.1 * a for r, a in zip(rows, acts)]
-    w = [1 / r.gpu_gib ** 2 for r in rows]
-    expect = sum(wi * a * (r.gpu_gib - st) for wi, a, r, st in zip(w, acts, rows, states)) / \
-        sum(wi * a * a for wi, a in zip(w, acts))
-    assert fitted.activation_factor == pytest.approx(expect, rel=1e-6) and expect < 1.1
-
-
-def test_token_budget_from_config_and_from_data():
-    cfg = load_config(None, ["--per_device_train_batch_size", "4", "--max_length", "1000"])
-    assert token_budget(cfg) == 4032  # 4 x 1000, up to a multiple of 64
-    capped = load_config(None, ["--per_device_train_batch_size", "8", "--max_length", "1000",
-                                "--micro_batch_tokens", "2000"])
-    assert token_budget(capped) == 3008  # cap + one more sample at most
-    # micro-batches without the lengths: 8 samples of up to 1000 tokens over a 2000 cap
-    assert micro_batch_layout(capped) == (3008, 4)
-    # from lengths: the largest bin over the run equals a brute-force replay of the loop's planner
-    from chatft.train.batching import plan_step
-
-    lengths = np.random.default_rng(0).integers(10, 300, size=50)
-    trained = lengths // 2
-    cfg = load_config(None, ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps",
-                             "2", "--nproc", "2", "--num_train_epochs", "2"])
-    worst = 0
-    for step in range(2 * 5):  # 50 samples, global batch 12: 5 steps per epoch
-        for rank in (0, 1):
-            p = plan_step(lengths, trained, global_batch=12, seed=cfg.train.seed, epoch=step // 5,
-                          step_in_epoch=step % 5, world_size=2, rank=rank, accumulation=2)
-            worst = max([worst] + [int(lengths[mb].sum()) for mb in p.micro_batches if mb])
-    assert token_budget(cfg, lengths) == -(-worst // 64) * 64
-    # under a token cap the micro-batch count is the most any step needs
-    capped = load_config(None, ["--per_device_train_batch_size", "6", "--nproc", "2",
-                                "--micro_batch_tokens", "300", "--max_length", "300",
-                                "--num_train_epochs", "2"])
-    most = max(len(plan_step(lengths, trained, global_batch=12, seed=capped.train.seed,
-                             epoch=step // 5, step_in_epoch=step % 5, world_size=2, rank=0,
-                             accumulation=1, micro_batch_tokens=300).micro_batches)
-               for step in range(10))
-    assert most > 1 and micro_batch_layout(capped, lengths)[1] == most
-
-
-def test_plan_auto_applies_the_recommendation():
-    cfg = load_config(None, ["--plan", "auto", "--max_length", "8192", "--per_device_train_batch_size", "1"])
-    plan, changes = apply_plan(cfg, QWEN2_7B, 8192, 141 * GIB, 128 * GIB)
-    k = plan.recommended.strategy.checkpoint_layers
-    assert (cfg.deepspeed.backend, cfg.deepspeed.zero_stage, cfg.model.gradient_checkpointing,
-            cfg.model.checkpoint_layers) == ("torch", 0, "on", k)
-    assert f"checkpoint_layers -1 -> {k}" in changes
-    # 4 GPUs: ZeRO without recomputation
-    cfg = load_config(None, ["--plan", "auto", "--nproc", "4"])
-    plan, _ = apply_plan(cfg, QWEN2_7B, 8192, 141 * GIB, 512 * GIB)
-    assert cfg.deepspeed.backend == "deepspeed" and cfg.deepspeed.zero_stage in (1, 2)
-    assert cfg.model.gradient_checkpointing == "off"
-    # gradient_checkpointing auto alone keeps the engine and picks the fewest layers
-    cfg = load_config(None, ["--zero_stage", "3", "--gradient_checkpointing", "auto"])
-    plan, _ = apply_plan(cfg, QWEN2_7B, 8192, 141 * GIB, 128 * GIB)
-    assert cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.backend == "deepspeed"
-    assert cfg.model.gradient_checkpointing == "on"
-    assert cfg.model.checkpoint_layers == fewest_checkpoint_layers(plan.job, Strategy("deepspeed", 3), 141 * GIB)
-    # nothing fits: a user error naming the budgets
-    with pytest.raises(ChatftError, match="no strategy that fits"):
-        apply_plan(load_config(None, ["--plan", "auto"]), QWEN2_7B, 8192, 24 * GIB, 64 * GIB)
-
-
-def test_out_of_memory_message_names_what_ran_out_and_what_fits():
-    cfg = load_config(None, ["--max_length", "4096"])
-    text = out_of_memory_message(cfg, "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
-                                 "a total capacity of 23.55 GiB\nmore detail", device="cuda:0",
-                                 gpus=1, tokens=4096, model_config=QWEN2_7B,
-                                 gpu_budget=24 * GIB, host_budget=256 * GIB)
-    assert text.startswith("out of GPU memory on cuda:0 (CUDA out of memory. Tried to allocate 2.00 GiB.")
-    assert "This run: plain, recompute none, 4,096 tokens" in text
-    assert "--offload_optimizer cpu" in text and "--plan auto" in text  # offloading fits 24 GiB
-
-
-def test_explain_out_of_memory_turns_the_error_into_exit_code_2(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(QWEN2_7B))
-    cfg = load_config(None, ["--model", str(tmp_path), "--max_length", "2048",
-                             "--per_device_train_batch_size", "2"])
-    with pytest.raises(ChatftError) as e:
-        with explain_out_of_memory(cfg, lengths=None):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
-    assert e.value.exit_code == 2
-    assert "out of GPU memory" in str(e.value) and "4,096 tokens" in str(e.value)
-    with explain_out_of_memory(cfg):  # nothing raised: nothing happens
-        pass
-
-
-def test_parse_size():
-    assert parse_size("24GiB") == 24 * GIB
-    assert parse_size("24G") == 24 * GIB
-    assert parse_size("80GB") == 80 * 10 ** 9
-    assert parse_size("64") == 64 * GIB
-    assert parse_size("512 MiB") == 512 << 20
-    for bad in ("lots", "-3GiB", "12XB"):
-        with pytest.raises(ChatftError):
-            parse_size(bad)
-
-
-def _chatft(*args) -> subprocess.CompletedProcess:
-    import os
-
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "chatft", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=env)
-
-
-def test_cli_plan_on_a_tiny_model_folder(tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    folder = tmp_path / "tiny"
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    proc = _chatft("plan", "--model", folder, "--tokens", "512", "--gpu-mem", "24GiB",
-                   "--cpu-mem", "64GiB", "--learning_rate", "1e-5")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    n_params = ModelShape.from_config(config).n_params
-    assert f"{n_params / 1e9:.2f}B params" in lines[0]
-    assert "512 tokens per micro-batch, 1 GPU(s)" in lines[1]
-    assert lines[-1].startswith("recommended: plain, recompute none")
-    # bad options are user errors
-    proc = _chatft("plan", "--model", folder, "--gpu-mem", "plenty")
-    assert proc.returncode == 2 and "plenty" in proc.stderr
-
-
-def test_cli_plan_needs_only_config_json(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(QWEN2_7B))
-    proc = _chatft("plan", "--model", tmp_path, "--gpus", "4", "--gpu-mem", "141GiB",
-                   "--cpu-mem", "512GiB", "--json")
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
-    assert data["job"]["model"]["n_params"] == 7_615_616_512 and data["job"]["gpus"] == 4
-    # no --tokens and no tokenizer to read the data with: the config's bound, 8 x 4096
-    assert data["job"]["tokens"] == 32768 and data["tokens_source"].startswith("the config's bound")
-    assert data["recommended"]["fits"] and data["recommended"]["strategy"]["backend"] == "deepspeed"
-
-
-def test_current_strategy_and_buckets_read_a_users_deepspeed_json(tmp_path):
-    from chatft.train.plan import current_strategy, deepspeed_sizes
-
-    ds_json = tmp_path / "ds.json"
-    ds_json.write_text(json.dumps({"zero_optimization": {
-        "stage": 3, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": "auto",
-        "stage3_max_live_parameters": 12345}}))
-    cfg = load_config(None, ["--deepspeed", str(ds_json), "--gradient_checkpointing", "on",
-                             "--checkpoint_layers", "5"])
-    assert current_strategy(cfg, 28) == Strategy("deepspeed", 3, True, False, 5)
-    sizes = deepspeed_sizes(cfg, SEVEN_B)
-    assert sizes.reduce_bucket_size == 3584 * 3584  # "auto" as chatft fills it: hidden^2
-    assert sizes.max_live_parameters == 12345
-    assert sizes.prefetch_bucket_size == DeepSpeedSizes().prefetch_bucket_size
-
-
-def test_train_on_a_machine_without_gpu_keeps_the_config(capsys):
-    from chatft.train.plan import _gpu_memory, auto_plan
-
-    if _gpu_memory() is not None:
-        pytest.skip("this machine has a GPU")
-
-    cfg = load_config(None, ["--plan", "auto", "--gradient_checkpointing", "auto"])
-    auto_plan(cfg, None)
-    assert cfg.deepspeed.zero_stage == 0 and cfg.model.gradient_checkpointing == "off"
-    assert "no GPU" in capsys.readouterr().err
