@@ -1,5 +1,5 @@
-"""Pure pieces of the trainer: lr schedules, DeepSpeed config filling, checkpoint bookkeeping,
-the bf16 master-weight optimizer."""
+"""Pure pieces of the trainer: lr schedules, DeepSpeed config filling, the bf16 master-weight
+optimizer, leaving the process group."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 from chatft.config import load_config
 from chatft.errors import ConfigError
-from chatft.train import checkpoint as ckpt
 from chatft.train.ds_config import fill_auto, generated_config
 from chatft.train.optim import MasterWeightAdamW, param_groups
 from chatft.train.schedule import lr_at, warmup_steps_for
@@ -84,37 +83,6 @@ def test_generated_config_has_no_auto_left_after_filling():
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert "auto" not in str(ds)
-
-
-def test_checkpoint_finalize_latest_and_rotation(tmp_path):
-    for step in (2, 4, 6):
-        part = ckpt.partial_path(tmp_path, step)
-        part.mkdir(parents=True)
-        (part / "weights").write_text(str(step))
-        ckpt.finalize(tmp_path, step, {"step": step}, limit=2)
-    names = [p.name for p in ckpt.complete_checkpoints(tmp_path)]
-    assert names == ["step-000004", "step-000006"]  # step-2 rotated out
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-000006"
-    assert ckpt.read_state(ckpt.latest_checkpoint(tmp_path)) == {"step": 6}
-
-
-def test_a_crash_mid_save_never_becomes_latest(tmp_path):
-    part = ckpt.partial_path(tmp_path, 2)
-    part.mkdir(parents=True)
-    ckpt.finalize(tmp_path, 2, {"step": 2}, limit=3)
-    # crash while writing step 4: the partial folder exists, nothing renamed, latest untouched
-    crashed = ckpt.partial_path(tmp_path, 4)
-    crashed.mkdir(parents=True)
-    (crashed / "half-written").write_text("x")
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-000002"
-    # a folder that looks final but lacks the marker (e.g. copied by hand) is not used either
-    (ckpt.checkpoints_dir(tmp_path) / "step-000008").mkdir()
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-000002"
-    # a stale `latest` naming a deleted checkpoint falls back to the newest complete one
-    (ckpt.checkpoints_dir(tmp_path) / "latest").write_text("step-000010\n")
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-000002"
-    ckpt.clean_partials(tmp_path)
-    assert not crashed.exists()
 
 
 def test_master_weight_adamw_tracks_fp32_adamw_and_rounds_into_bf16():

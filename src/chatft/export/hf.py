@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from chatft import checkpoint as ckpt
 from chatft.errors import ChatftError
 from chatft.export.metadata import ChatMeta, write_meta
 
@@ -206,8 +207,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
     from chatft.config import config_from_dict
     from chatft.data.prepare import DataOptions
     from chatft.data.render import chat_format
-    from chatft.train import checkpoint as ckpt
-
     folder = Path(checkpoint)
     if not ckpt.is_checkpoint(folder):
         latest = ckpt.latest_checkpoint(folder)

@@ -31,7 +31,7 @@ from chatft.data.prepare import TokenizedDataset, builtin_meta
 from chatft.data.steps import prepare_data
 from chatft.model.build import build_model, use_liger
 from chatft.model.loading import load_tokenizer, model_config, resolve_model
-from chatft.train import checkpoint as ckpt
+from chatft import checkpoint as ckpt
 from chatft.train.batching import (CUDA_TOKEN_MULTIPLE, StepPlan, eval_plans, pack, pad, plan_step,
                                    steps_per_epoch)
 from chatft.train.engine import (DTYPES, DeepSpeedEngine, Engine, TorchEngine, resolve_precision,

@@ -1,4 +1,7 @@
-"""Resumable checkpoints, saved atomically.
+"""Resumable checkpoints, saved atomically: the folder layout and its bookkeeping.
+
+Training writes them (:func:`chatft.train.loop.save_checkpoint`); ``chatft export`` reads them,
+so this module sits below both and knows nothing of engines.
 
 Layout under ``output_dir/checkpoints``::
 
