@@ -345,7 +345,7 @@ def held_out_split(overrides: list[str]) -> dict[str, Any]:
     from chatft.data.steps import prepare_data, tokenizer_for
 
     cfg = load_config(None, overrides)
-    data = prepare_data(cfg, tokenizer_for(cfg))
+    data = prepare_data(cfg.data, tokenizer_for(cfg.model))
     assert data.eval is not None, "chatft held nothing out with --eval_ratio 0.1"
     summary = data.train.summary
     n = summary.records

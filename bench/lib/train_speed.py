@@ -582,14 +582,14 @@ def _run_tree(cmd: list[str], log: Path, env: dict[str, str], timeout_s: float, 
 def run_tutorial(ctx: BenchContext, out: Path) -> dict[str, Any]:
     """The tutorial's recipe for ``ctx.steps`` steps under DeepSpeed's launcher; the 3-epoch
     time is extrapolated from the step count Trainer plans and the measured step time."""
-    from chatft.train.loop import _free_port
+    from chatft.train.distributed import free_port
 
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rank*.json"):
         old.unlink()
     (out / "ds_config.json").write_text(json.dumps(TUTORIAL_DS_CONFIG, indent=4))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ctx.gpus),
-           "--master_port", str(_free_port()), "--module", "bench.lib.train_speed",
+           "--master_port", str(free_port()), "--module", "bench.lib.train_speed",
            "tutorial", "--model", str(ctx.model_dir), "--data", str(ctx.data), "--out", str(out),
            "--steps", str(ctx.steps)] + (["--cpu-smoke"] if ctx.cpu_smoke else [])
     run = _run_tree(cmd, out / "log.txt", ctx.env, ctx.timeout_s, gpus=not ctx.cpu_smoke)

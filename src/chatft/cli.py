@@ -1,7 +1,7 @@
 """The ``chatft`` command: thin wrappers that parse arguments and call named steps.
 
-Every step lives in the library (``chatft.data.steps``, ``chatft.train``, ``chatft.export``,
-``chatft.serve``); this module only wires arguments to them. A :class:`ChatftError` becomes a
+Every step lives in the library (``chatft.data.steps``, ``chatft.job``, ``chatft.train.plan``,
+``chatft.export``, ``chatft.serve``); this module only wires arguments to them. A :class:`ChatftError` becomes a
 one-paragraph message on stderr and exit code 2.
 """
 
@@ -33,9 +33,9 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
             raise ChatftError(f"--index {args.index!r}: expected record numbers such as "
                               "0,5,9") from None
         colour = not args.no_colour and sys.stdout.isatty() if args.colour == "auto" else args.colour == "always"
-        steps.inspect(cfg, indices, colour)
+        steps.inspect(cfg.data, steps.tokenizer_for(cfg.model), indices, colour)
     else:
-        data = steps.prepare_data(cfg, steps.tokenizer_for(cfg))
+        data = steps.prepare_data(cfg.data, steps.tokenizer_for(cfg.model))
         steps.print_summary(data)
     return 0
 
@@ -115,7 +115,7 @@ def train_config(rest: list[str]) -> Config:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
-    from chatft.train.launch import run
+    from chatft.job.launch import run
 
     return run(train_config(rest))
 

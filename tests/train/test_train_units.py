@@ -49,8 +49,8 @@ def test_tutorial_ds_config_autos_are_filled_from_chatft_config():
     cfg = load_config(None, ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
                              "--nproc", "2", "--learning_rate", "3e-5", "--max_grad_norm", "0.5",
                              "--weight_decay", "0.1"])
-    ds, warnings = fill_auto(TUTORIAL_DS, cfg, precision="bf16", total_steps=100, warmup_steps=0,
-                             hidden_size=64)
+    ds, warnings = fill_auto(TUTORIAL_DS, cfg.train, cfg.world_size, precision="bf16",
+                             total_steps=100, warmup_steps=0, hidden_size=64)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"] == {"lr": 3e-5, "betas": [0.9, 0.95], "eps": 1e-8,
@@ -70,15 +70,16 @@ def test_contradicting_explicit_values_and_unknown_autos_are_reported_together()
     cfg = load_config(None, ["--per_device_train_batch_size", "4"])
     bad = dict(TUTORIAL_DS, train_micro_batch_size_per_gpu=2, mystery={"knob": "auto"})
     with pytest.raises(ConfigError) as e:
-        fill_auto(bad, cfg, precision="fp32", total_steps=10, warmup_steps=1, hidden_size=None)
+        fill_auto(bad, cfg.train, cfg.world_size, precision="fp32", total_steps=10, warmup_steps=1,
+                  hidden_size=None)
     msg = str(e.value)
     assert "train_micro_batch_size_per_gpu is 2" in msg and "mystery.knob" in msg
 
 
 def test_generated_config_has_no_auto_left_after_filling():
     cfg = load_config(None, ["--zero_stage", "3", "--offload_optimizer", "cpu", "--offload_param", "cpu"])
-    ds, warnings = fill_auto(generated_config(cfg, "fp32"), cfg, precision="fp32", total_steps=5,
-                             warmup_steps=0, hidden_size=32)
+    ds, warnings = fill_auto(generated_config(cfg.deepspeed, "fp32"), cfg.train, cfg.world_size,
+                             precision="fp32", total_steps=5, warmup_steps=0, hidden_size=32)
     assert warnings == []
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
@@ -120,7 +121,7 @@ def test_param_groups_do_not_decay_biases_and_norms():
 def test_finish_distributed_leaves_the_process_group(monkeypatch):
     import torch.distributed as dist
 
-    from chatft.train.loop import finish_distributed
+    from chatft.train.distributed import finish_distributed
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
@@ -134,15 +135,16 @@ def test_worker_leaves_the_process_group_also_after_an_error(monkeypatch, tmp_pa
     import json
 
     from chatft.errors import DataError
-    from chatft.train import loop, worker
+    from chatft.job import run, worker
+    from chatft.train import distributed
 
     calls = []
 
-    def failing_train(cfg):
+    def failing_job(cfg):
         raise DataError("no sample survived preparation", file="d.json")
 
-    monkeypatch.setattr(loop, "train", failing_train)
-    monkeypatch.setattr(loop, "finish_distributed", lambda: calls.append("finished"))
+    monkeypatch.setattr(run, "run_job", failing_job)
+    monkeypatch.setattr(distributed, "finish_distributed", lambda: calls.append("finished"))
     config_json = tmp_path / "config.json"
     config_json.write_text(json.dumps(load_config(None, []).to_dict()))
     assert worker.main(["--config-json", str(config_json)]) == 2

@@ -54,8 +54,7 @@ class DataOptions:
     @classmethod
     def from_config(cls, data_args) -> "DataOptions":
         opts = cls(**{k: getattr(data_args, k) for k in cls.__dataclass_fields__})
-        if opts.system is None:
-            opts.system = builtin_system(data_args.path)
+        opts.system = system_prompt(data_args)
         return opts
 
 
@@ -70,6 +69,12 @@ def builtin_meta(path: str) -> dict:
 
 def builtin_system(path: str) -> str | None:
     return builtin_meta(path).get("system")
+
+
+def system_prompt(data_args) -> str | None:
+    """The system prompt for records that carry none, and the one saved with the exported
+    model: ``data.system``, else the built-in dataset's own (None for a file)."""
+    return data_args.system if data_args.system is not None else builtin_system(data_args.path)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The data step as the CLI (and the trainer) call it: tokenizer + options -> datasets."""
+"""The data step as the CLI (and the trainer) call it: tokenizer + data options -> datasets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatft.config import Config
+from chatft.config import DataArgs, ModelArgs
 from chatft.data.formats import load_conversations
 from chatft.data.inspect import colour_sample, legend
 from chatft.data.prepare import DataOptions, TokenizedDataset, prepare, resolve_data_path, split_eval
@@ -22,19 +22,19 @@ class PreparedData:
     cached: bool
 
 
-def tokenizer_for(cfg: Config):
-    return load_tokenizer(resolve_model(cfg.model.name_or_path), cfg.model.tokenizer)
+def tokenizer_for(model: ModelArgs):
+    return load_tokenizer(resolve_model(model.name_or_path), model.tokenizer)
 
 
-def prepare_data(cfg: Config, tokenizer) -> PreparedData:
+def prepare_data(data: DataArgs, tokenizer) -> PreparedData:
     """Tokenize (or load from cache) the training file and the held-out data."""
-    opts = DataOptions.from_config(cfg.data)
+    opts = DataOptions.from_config(data)
     fmt = chat_format(tokenizer)
-    ds, folder, cached = prepare(cfg.data.path, tokenizer, opts, cfg.data.cache_dir, fmt)
-    if cfg.data.eval_file:
-        held, _, _ = prepare(cfg.data.eval_file, tokenizer, opts, cfg.data.cache_dir, fmt)
+    ds, folder, cached = prepare(data.path, tokenizer, opts, data.cache_dir, fmt)
+    if data.eval_file:
+        held, _, _ = prepare(data.eval_file, tokenizer, opts, data.cache_dir, fmt)
         return PreparedData(ds, held, folder, cached)
-    train, held = split_eval(ds, cfg.data.eval_ratio)
+    train, held = split_eval(ds, data.eval_ratio)
     return PreparedData(train, held, folder, cached)
 
 
@@ -46,12 +46,11 @@ def print_summary(data: PreparedData, out=sys.stdout) -> None:
     print(f"cache:     {data.folder}{' (reused)' if data.cached else ''}", file=out)
 
 
-def inspect(cfg: Config, indices: list[int], colour: bool, out=sys.stdout) -> None:
+def inspect(data: DataArgs, tokenizer, indices: list[int], colour: bool, out=sys.stdout) -> None:
     """Print the chosen records token by token, then the summary of the whole file."""
-    tokenizer = tokenizer_for(cfg)
     fmt = chat_format(tokenizer)
-    opts = DataOptions.from_config(cfg.data)  # as prepare_data sees them (built-in system prompt)
-    loaded = load_conversations(resolve_data_path(cfg.data.path), opts.format,
+    opts = DataOptions.from_config(data)  # as prepare_data sees them (built-in system prompt)
+    loaded = load_conversations(resolve_data_path(data.path), opts.format,
                                 system=opts.system, skip_bad=opts.skip_bad)
     by_index = {c.index: c for c in loaded.conversations}
     chosen = [by_index[i] for i in indices if i in by_index]
@@ -65,4 +64,4 @@ def inspect(cfg: Config, indices: list[int], colour: bool, out=sys.stdout) -> No
     for i in missing:
         print(f"\n--- record {i}: not available (out of range or skipped as bad)", file=out)
     print(file=out)
-    print_summary(prepare_data(cfg, tokenizer), out)
+    print_summary(prepare_data(data, tokenizer), out)

@@ -9,6 +9,10 @@ Export checks itself: probe logits of the trained weights are computed *before* 
 released (with every process taking part, so ZeRO-3 can gather), then the written folder is
 reloaded and its logits on the same probe compared; a mismatch raises :class:`ExportError`
 and the folder is not put in place.
+
+Export knows nothing of training: at the end of a run it takes any object with the few calls of
+:class:`TrainedWeights` (a training engine has them), and ``chatft export`` reads a checkpoint
+folder (:mod:`chatft.checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -33,6 +37,27 @@ PROBE = [{"role": "user", "content": "Hello! Who are you, and what do you do? ä½
 
 class ExportError(ChatftError):
     """The exported folder does not reproduce the trained model."""
+
+
+class TrainedWeights(Protocol):
+    """What the end-of-training export needs of the trained model, on every process."""
+
+    model: torch.nn.Module
+    """The plain transformers model (its config, generation config, and probe logits)."""
+    device: torch.device
+    rank: int
+
+    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """All weights on the CPU of process 0, cast to ``dtype`` (other processes: empty);
+        every process calls it."""
+        ...
+
+    def release(self) -> None:
+        """Free what training holds (optimizer, model) so the export has the memory."""
+        ...
+
+    def barrier(self) -> None:
+        ...
 
 
 def probe_ids(tokenizer, system: str | None) -> torch.Tensor:
@@ -154,31 +179,32 @@ def _probe_logits(model: torch.nn.Module, probe: torch.Tensor, device: torch.dev
     return logits
 
 
-def export_from_engine(engine, cfg, tokenizer, source, out_dir: Path, train_summary: dict) -> Path:
-    """End of training: every process calls this; process 0 writes ``out_dir``."""
-    from chatft.data.prepare import DataOptions
+def export_trained(trained: TrainedWeights, tokenizer, out_dir: Path, *, dtype: str,
+                   system: str | None, base_model: str, train_on: str, summary: dict) -> Path:
+    """End of training: every process calls this; process 0 writes ``out_dir`` (weights in
+    ``dtype``, ``chatft.json`` with the system prompt, ``base_model``, ``train_on`` and the run's
+    ``summary``). ``trained`` is released on the way: it cannot train further."""
     from chatft.data.render import chat_format
 
-    system = DataOptions.from_config(cfg.data).system
     probe = probe_ids(tokenizer, system)
-    reference = _probe_logits(engine.model, probe, engine.device)  # all ranks (ZeRO-3 gathers)
-    ref_dtype = next(engine.model.parameters()).dtype
-    state = engine.full_state_dict(DTYPES[cfg.train.export_dtype])
-    config = engine.model.config
-    base_gen = getattr(engine.model, "generation_config", None)
-    engine.release()
+    reference = _probe_logits(trained.model, probe, trained.device)  # all ranks (ZeRO-3 gathers)
+    ref_dtype = next(trained.model.parameters()).dtype
+    state = trained.full_state_dict(DTYPES[dtype])
+    config = trained.model.config
+    base_gen = getattr(trained.model, "generation_config", None)
+    trained.release()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if engine.rank == 0:
+    if trained.rank == 0:
         meta = ChatMeta(system_prompt=system, eot_token=chat_format(tokenizer).eot_token,
-                        base_model=source.label, train_on=cfg.data.train_on, extra=train_summary)
-        report = write_folder(state, config, tokenizer, meta, out_dir, dtype=cfg.train.export_dtype,
+                        base_model=base_model, train_on=train_on, extra=summary)
+        report = write_folder(state, config, tokenizer, meta, out_dir, dtype=dtype,
                               reference_logits=reference, reference_dtype=ref_dtype, probe=probe,
-                              device=engine.device, base_generation=base_gen)
-        print(f"chatft: exported {out_dir} ({cfg.train.export_dtype}; reload check: max relative "
+                              device=trained.device, base_generation=base_gen)
+        print(f"chatft: exported {out_dir} ({dtype}; reload check: max relative "
               f"logit difference {report['max_rel_diff']:.2e}, top-1 agreement "
               f"{report['top1_agreement']:.0%})", flush=True)
-    engine.barrier()
+    trained.barrier()
     return out_dir
 
 
@@ -205,7 +231,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
     from transformers import AutoConfig, AutoTokenizer
 
     from chatft.config import config_from_dict
-    from chatft.data.prepare import DataOptions
+    from chatft.data.prepare import system_prompt
     from chatft.data.render import chat_format
     folder = Path(checkpoint)
     if not ckpt.is_checkpoint(folder):
@@ -225,7 +251,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
     reference.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
     reference.tie_weights()
     _materialize_buffers(reference)
-    system = DataOptions.from_config(cfg.data).system
+    system = system_prompt(cfg.data)
     probe = probe_ids(tokenizer, system)
     logits = _probe_logits(reference, probe, torch.device("cpu"))
     del reference

@@ -13,15 +13,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chatft.config import Config
+from chatft.config import DeepSpeedArgs, TrainArgs
 from chatft.errors import ConfigError
 
 AUTO = "auto"
 
 
-def generated_config(cfg: Config, precision: str) -> dict[str, Any]:
-    """DeepSpeed config for chatft's own options (no "auto" left)."""
-    ds = cfg.deepspeed
+def generated_config(ds: DeepSpeedArgs, precision: str) -> dict[str, Any]:
+    """DeepSpeed config for chatft's own options (its "auto" values are filled by
+    :func:`fill_auto`)."""
     zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": ds.zero_stage > 0,
                             "contiguous_gradients": True}
     if ds.offload_optimizer == "cpu":
@@ -58,18 +58,19 @@ def load_user_config(path: str) -> dict[str, Any]:
     return raw
 
 
-def fill_auto(ds: dict[str, Any], cfg: Config, *, precision: str, total_steps: int,
-              warmup_steps: int, hidden_size: int | None) -> tuple[dict[str, Any], list[str]]:
-    """Replace every "auto" in ``ds``; returns ``(config, warnings)``.
+def fill_auto(ds: dict[str, Any], t: TrainArgs, world_size: int, *, precision: str,
+              total_steps: int, warmup_steps: int,
+              hidden_size: int | None) -> tuple[dict[str, Any], list[str]]:
+    """Replace every "auto" in ``ds`` with what ``t`` on ``world_size`` processes implies;
+    returns ``(config, warnings)``.
 
     Raises ConfigError listing explicit values that contradict chatft's config and any
     "auto" chatft does not know how to fill.
     """
     ds = copy.deepcopy(ds)
-    t = cfg.train
     warnings: list[str] = []
     problems: list[str] = []
-    world = cfg.world_size
+    world = world_size
     values = {
         "train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,

@@ -1,13 +1,8 @@
 """Training engines: DeepSpeed (ZeRO 0-3, offload, many processes) or plain PyTorch (one process).
 
-The training loop (:mod:`chatft.train.loop`) talks to both through the same five calls, so
-there is one loop for one CPU, one GPU and many GPUs:
-
-* ``forward(batch) -> (loss_sum, n_targets)``
-* ``backward(loss, last_micro_batch)``
-* ``step(lr) -> grad_norm``  (clip, update, zero gradients)
-* ``save(folder, client_state)`` / ``load(folder) -> client_state``
-* ``full_state_dict()``  (all weights on process 0, for export)
+:class:`Engine` is the interface: every call the training loop (:mod:`chatft.train.loop`)
+makes, so there is one loop for one CPU, one GPU and many GPUs, and the loop never asks which
+engine it has. :class:`TorchEngine` and :class:`DeepSpeedEngine` implement it.
 
 The plain engine exists because on a single GPU DeepSpeed's mixed precision keeps an extra
 fp32 gradient copy (4 bytes/parameter) that does not fit a 7B model next to its optimizer on
@@ -19,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager, Protocol
 
 import torch
 import torch.distributed as dist
 
-from chatft.config import Config
+from chatft.config import TrainArgs
+from chatft.errors import ChatftError, ConfigError
+from chatft.export.hf import TrainedWeights
 from chatft.train.batching import Batch
 from chatft.train.loss import CausalLMLoss
 from chatft.train.optim import MasterWeightAdamW, adamw, param_groups
@@ -35,13 +33,61 @@ log = logging.getLogger("chatft")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+class Engine(TrainedWeights, Protocol):
+    """What the training loop calls. Export needs only the :class:`TrainedWeights` part
+    (``model``, ``device``, ``rank``, ``full_state_dict``, ``release``, ``barrier``)."""
+
+    world_size: int
+    precision: str
+    """bf16, fp16 or fp32 (resolved; never auto)."""
+    description: str
+    """How it trains, for the start line: "PyTorch", "DeepSpeed ZeRO-2"."""
+    kind: str
+    """"torch" or "deepspeed": recorded in checkpoints, whose state ``chatft export`` reads by it."""
+    writes_checkpoint: bool
+    """Whether this process writes a part of every checkpoint (DeepSpeed: every process its
+    shard; plain: the one process)."""
+    lr_managed_externally: bool
+    """True when a DeepSpeed JSON brings its own scheduler: :meth:`current_lr` is then the rate."""
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum of token losses, trained tokens)`` of one micro-batch on this process."""
+        ...
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        """Accumulate gradients; ``last_micro_batch`` closes the optimizer step's accumulation."""
+        ...
+
+    def step(self, lr: float | None) -> float:
+        """Clip, update with learning rate ``lr`` (None: keep the scheduler's), zero gradients;
+        returns the global gradient norm before clipping."""
+        ...
+
+    def current_lr(self) -> float:
+        ...
+
+    def eval_mode(self) -> ContextManager[None]:
+        """Evaluation inside the block: dropout off, no autograd; training mode after it."""
+        ...
+
+    def save(self, folder: Path, client_state: dict) -> None:
+        """Write this process's part of the model and optimizer state into ``folder``."""
+        ...
+
+    def load(self, folder: Path) -> dict:
+        """Restore the state :meth:`save` wrote; returns its ``client_state``."""
+        ...
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over all processes, in place; returns it."""
+        ...
+
+
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
     """``auto`` -> bf16 where the hardware supports it, else fp16 on GPUs, fp32 on CPU.
     Returns ``(precision, message for the user or None)``."""
     if requested != "auto":
         if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            from chatft.errors import ConfigError
-
             raise ConfigError("precision bf16: this GPU does not support bfloat16; use fp16")
         return requested, None
     if device.type != "cuda":
@@ -58,15 +104,26 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
-class Engine:
-    """Common part: the loss wrapper and the process layout."""
+class _Shared:
+    """What both engines do the same way: collectives (the plain engine's group is itself), the
+    learning rate, and evaluation mode of the loss wrapper."""
 
-    model: torch.nn.Module  # the plain transformers model (for export and generation)
-    wrapper: CausalLMLoss
-    device: torch.device
     rank: int = 0
     world_size: int = 1
-    lr_managed_externally: bool = False  # True when a DeepSpeed JSON brings its own scheduler
+    wrapper: CausalLMLoss
+    optimizer: Any
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        self.wrapper.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.wrapper.train()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -77,34 +134,32 @@ class Engine:
         if self.world_size > 1:
             dist.barrier()
 
-    def current_lr(self) -> float:
-        return float(self.optimizer_param_groups()[0]["lr"])
 
-
-class TorchEngine(Engine):
+class TorchEngine(_Shared):
     """One process, no DeepSpeed. fp32; bf16 weights + fp32 masters; or fp16 autocast with a
     gradient scaler (fp32 weights)."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, precision: str, device: torch.device,
-                 fused_kernel: str):
-        t = cfg.train
+    description = "PyTorch"
+    kind = "torch"
+    writes_checkpoint = True  # the one process
+    lr_managed_externally = False
+
+    def __init__(self, args: TrainArgs, model: torch.nn.Module, precision: str,
+                 device: torch.device, fused_kernel: str):
         self.device, self.precision = device, precision
-        self.max_grad_norm = t.max_grad_norm
+        self.max_grad_norm = args.max_grad_norm
         self.model = model.to(device)
         self.wrapper = CausalLMLoss(self.model, fused_kernel)
-        groups = param_groups(self.model, t.weight_decay)
-        betas = (t.adam_beta1, t.adam_beta2)
+        groups = param_groups(self.model, args.weight_decay)
+        betas = (args.adam_beta1, args.adam_beta2)
         if precision == "bf16":
-            self.optimizer: Any = MasterWeightAdamW(groups, lr=t.learning_rate, betas=betas,
-                                                    eps=t.adam_epsilon, device=device)
+            self.optimizer: Any = MasterWeightAdamW(groups, lr=args.learning_rate, betas=betas,
+                                                    eps=args.adam_epsilon, device=device)
         else:
-            self.optimizer = adamw(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon,
-                                   device=device)
+            self.optimizer = adamw(groups, lr=args.learning_rate, betas=betas,
+                                   eps=args.adam_epsilon, device=device)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self._params = [p for g in groups for p in g["params"]]
-
-    def optimizer_param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = (torch.autocast(self.device.type, dtype=torch.float16) if self.precision == "fp16"
@@ -176,57 +231,57 @@ class TorchEngine(Engine):
         self.optimizer = self.wrapper = self.model = None
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(_Shared):
     """ZeRO stage 0-3 with optional CPU offload, any number of processes and nodes."""
 
-    def __init__(self, cfg: Config, build_model, ds_config: dict, precision: str,
-                 device: torch.device, fused_kernel: str):
+    kind = "deepspeed"
+    writes_checkpoint = True  # every process saves its shard
+
+    def __init__(self, args: TrainArgs, build_model: Callable[[torch.device | None], torch.nn.Module],
+                 ds_config: dict, precision: str, device: torch.device, fused_kernel: str):
         import deepspeed
 
-        t = cfg.train
         self.device, self.precision = device, precision
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         zero = ds_config.get("zero_optimization", {})
-        self.stage = int(zero.get("stage", 0))
+        stage = int(zero.get("stage", 0))
+        self.description = f"DeepSpeed ZeRO-{stage}"
         offload = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
-        if self.stage == 3:
+        if stage == 3:
             # Keeps transformers' ZeRO-3 integration active while the model is built, so its
             # weights are created partitioned (deepspeed.zero.Init) instead of whole per rank.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(ds_config)
-        model = build_model(None if self.stage == 3 else device)
+        model = build_model(None if stage == 3 else device)
         self.model = model
         self.wrapper = CausalLMLoss(model, fused_kernel)
-        if self.stage == 3 and fused_kernel == "liger":
+        if stage == 3 and fused_kernel == "liger":
             # Liger reads lm_head.weight outside lm_head's own forward: tell ZeRO-3 to gather it.
             deepspeed.zero.register_external_parameter(self.wrapper, model.get_output_embeddings().weight)
         optimizer = None
         if "optimizer" not in ds_config:
-            groups = param_groups(model, t.weight_decay)
-            betas = (t.adam_beta1, t.adam_beta2)
+            groups = param_groups(model, args.weight_decay)
+            betas = (args.adam_beta1, args.adam_beta2)
             if offload:
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-                optimizer = DeepSpeedCPUAdam(groups, lr=t.learning_rate, betas=betas,
-                                             eps=t.adam_epsilon, adamw_mode=True)
+                optimizer = DeepSpeedCPUAdam(groups, lr=args.learning_rate, betas=betas,
+                                             eps=args.adam_epsilon, adamw_mode=True)
             else:
-                optimizer = adamw(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon,
-                                  device=device)
+                optimizer = adamw(groups, lr=args.learning_rate, betas=betas,
+                                  eps=args.adam_epsilon, device=device)
         self.lr_managed_externally = "scheduler" in ds_config
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.wrapper, optimizer=optimizer, config=ds_config,
             model_parameters=None if optimizer is not None else
             [p for p in self.wrapper.parameters() if p.requires_grad])
-        if self.stage == 3:
+        if stage == 3:
             # Models built from here on (export, generation) must be ordinary, whole ones.
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             del self._hf_ds
             unset_hf_deepspeed_config()
-
-    def optimizer_param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         b = batch.to(self.engine.device)
@@ -252,8 +307,6 @@ class DeepSpeedEngine(Engine):
     def load(self, folder: Path) -> dict:
         _, client_state = self.engine.load_checkpoint(str(folder), tag="engine")
         if client_state is None:
-            from chatft.errors import ChatftError
-
             raise ChatftError(f"{folder}: DeepSpeed could not load this checkpoint")
         return client_state
 

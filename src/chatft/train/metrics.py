@@ -1,4 +1,5 @@
-"""Seeing progress: a progress bar, ``metrics.jsonl``, optional TensorBoard, a loss-curve PNG.
+"""Seeing progress: one-line messages, a progress bar, ``metrics.jsonl``, optional TensorBoard,
+a loss-curve PNG.
 
 Only process 0 writes. ``metrics.jsonl`` holds one JSON object per logged step
 (``{"step", "loss", "lr", "grad_norm", "tokens_per_s", ...}``) and per evaluation
@@ -16,6 +17,12 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
+
+
+def say(msg: str, rank: int = 0) -> None:
+    """``chatft: msg`` on stderr, from process 0 only (every process may call it)."""
+    if rank == 0:
+        print(f"chatft: {msg}", file=sys.stderr, flush=True)
 
 
 class MetricsLog:

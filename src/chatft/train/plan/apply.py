@@ -24,6 +24,7 @@ from chatft.train.plan.hardware import detected_budgets, parse_size
 from chatft.train.plan.report import (Plan, fewest_checkpoint_layers, format_plan, gib, make_plan,
                                       plan_to_json, recommendation_text)
 from chatft.train.plan.shape import ModelShape
+from chatft.train.schedule import run_length
 
 
 def resolve_kernels(cfg: Config) -> tuple[str, bool, LossKernel]:
@@ -76,16 +77,14 @@ def micro_batch_layout(cfg: Config, lengths: Sequence[int] | None = None,
         return padded(bound), m
     import numpy as np
 
-    from chatft.train.batching import deal_into_bins, micro_batches_per_rank, step_samples, steps_per_epoch
+    from chatft.train.batching import deal_into_bins, micro_batches_per_rank, step_samples
 
     lengths = np.asarray(lengths)
-    global_batch = t.per_device_train_batch_size * accumulation * world
-    per_epoch = steps_per_epoch(len(lengths), global_batch)
-    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
+    length = run_length(t, len(lengths), world)  # the loop's own step count
     worst, most = 0, accumulation
-    for step in range(min(total, 20_000)):
-        epoch, in_epoch = divmod(step, per_epoch)
-        samples = step_samples(len(lengths), global_batch, t.seed, epoch, in_epoch)
+    for step in range(min(length.total_steps, 20_000)):
+        epoch, in_epoch = divmod(step, length.steps_per_epoch)
+        samples = step_samples(len(lengths), length.global_batch, t.seed, epoch, in_epoch)
         m = micro_batches_per_rank(int(lengths[samples].sum()), world, accumulation, t.micro_batch_tokens)
         most = max(most, m)
         for b in deal_into_bins(samples, lengths, world * m):
@@ -181,7 +180,7 @@ def data_lengths(cfg: Config) -> tuple[Any, str]:
     try:
         from chatft.data.steps import prepare_data, tokenizer_for
 
-        return prepare_data(cfg, tokenizer_for(cfg)).train.lengths, "from the data"
+        return prepare_data(cfg.data, tokenizer_for(cfg.model)).train.lengths, "from the data"
     except (ChatftError, OSError, ValueError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         first = first if len(first) <= 100 else first[:97] + "..."

@@ -1,4 +1,4 @@
-"""One training process, as started by DeepSpeed's launcher (see :mod:`chatft.train.launch`)."""
+"""One training process, as started by DeepSpeed's launcher (see :mod:`chatft.job.launch`)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,23 @@ from chatft.errors import ChatftError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chatft.train.worker")
+    p = argparse.ArgumentParser(prog="chatft.job.worker")
     p.add_argument("--config-json", required=True)
     p.add_argument("--local_rank", type=int, default=None)  # passed by some launchers
     args, _ = p.parse_known_args(argv)
-    from chatft.train.loop import finish_distributed, train
+    # Imported here: the process starts reading its arguments before torch and DeepSpeed load.
+    from chatft.job import run
+    from chatft.train import distributed
 
     try:
         with open(args.config_json, encoding="utf-8") as f:
             cfg = config_from_dict(json.load(f)).validate()
-        train(cfg)
+        run.run_job(cfg)
     except ChatftError as e:
         print(f"chatft: error: {e}", file=sys.stderr)
         return e.exit_code
     finally:
-        finish_distributed()
+        distributed.finish_distributed()
     return 0
 
 

@@ -4,8 +4,9 @@ The parent process resolves the model (dequantizing the embedded GGUF on first u
 tokenizes the data into the cache and prints the data summary, so bad input fails fast with
 a clear message before any worker starts. With ``--nproc N`` (or a hostfile) it then runs
 DeepSpeed's own launcher, ``python -m deepspeed.launcher.runner``, which starts the workers
-(``chatft.train.worker``) on this machine or on every host of the hostfile; on a machine
-without GPUs the same command starts N CPU processes.
+(:mod:`chatft.job.worker`) on this machine or on every host of the hostfile; on a machine
+without GPUs the same command starts N CPU processes. Either way every training process runs
+:func:`chatft.job.run.run_job`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chatft.config import Config
+from chatft.config import Config, LaunchArgs
 from chatft.data.steps import PreparedData, prepare_data, print_summary
 from chatft.model.loading import load_tokenizer, resolve_model
+from chatft.train.distributed import free_port
 from chatft.train.plan.apply import auto_plan
 
 CONFIG_FILE = "chatft_config.json"
@@ -27,26 +29,20 @@ CONFIG_FILE = "chatft_config.json"
 def prepare(cfg: Config) -> PreparedData:
     source = resolve_model(cfg.model.name_or_path)
     tokenizer = load_tokenizer(source, cfg.model.tokenizer)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg.data, tokenizer)
     print_summary(data, out=sys.stderr)
     return data
 
 
-def launcher_command(cfg: Config, config_json: Path) -> list[str]:
-    """The DeepSpeed launcher invocation that runs ``chatft.train.worker`` everywhere."""
-    la = cfg.launch
+def launcher_command(launch: LaunchArgs, config_json: Path) -> list[str]:
+    """The DeepSpeed launcher invocation that runs ``chatft.job.worker`` everywhere."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    if la.hostfile:
-        cmd += ["--hostfile", la.hostfile, "--num_nodes", str(la.num_nodes)]
-    if la.nproc:
-        cmd += ["--num_gpus", str(la.nproc)]
-    if la.master_port:
-        cmd += ["--master_port", str(la.master_port)]
-    else:
-        from chatft.train.loop import _free_port
-
-        cmd += ["--master_port", str(_free_port())]
-    return cmd + ["--module", "chatft.train.worker", "--config-json", str(config_json)]
+    if launch.hostfile:
+        cmd += ["--hostfile", launch.hostfile, "--num_nodes", str(launch.num_nodes)]
+    if launch.nproc:
+        cmd += ["--num_gpus", str(launch.nproc)]
+    cmd += ["--master_port", str(launch.master_port or free_port())]
+    return cmd + ["--module", "chatft.job.worker", "--config-json", str(config_json)]
 
 
 def run(cfg: Config) -> int:
@@ -56,10 +52,11 @@ def run(cfg: Config) -> int:
     # before the config is handed to the workers.
     auto_plan(cfg, data.train.lengths)
     if cfg.world_size == 1 and not cfg.launch.hostfile:
-        from chatft.train.loop import finish_distributed, train
+        from chatft.job.run import run_job
+        from chatft.train.distributed import finish_distributed
 
         try:
-            train(cfg)
+            run_job(cfg)
         finally:
             finish_distributed()
         return 0
@@ -67,7 +64,7 @@ def run(cfg: Config) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config_json = out / CONFIG_FILE
     config_json.write_text(json.dumps(cfg.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
-    cmd = launcher_command(cfg, config_json)
+    cmd = launcher_command(cfg.launch, config_json)
     print("chatft: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     env = dict(os.environ)
     # Workers must import this very chatft, also when it is not installed (tests, checkouts).

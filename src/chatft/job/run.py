@@ -1,0 +1,121 @@
+"""What every training process does: train -> export -> ask, composed in one place.
+
+The single-process path (:func:`chatft.job.launch.run`) and every DeepSpeed worker
+(:mod:`chatft.job.worker`) call :func:`run_job`. It joins the process group, tokenizes (from
+the cache the launcher filled), builds the engine the config asks for, lets the loop train,
+exports the trained weights into ``output_dir/final`` and prints the exported model's answers to
+the run's questions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from chatft.config import Config
+from chatft.data.prepare import builtin_meta, system_prompt
+from chatft.data.steps import prepare_data
+from chatft.export.hf import export_trained
+from chatft.model.build import build_model, use_liger
+from chatft.model.loading import ModelSource, load_tokenizer, model_config, resolve_model
+from chatft.train import loop
+from chatft.train.distributed import init_distributed
+from chatft.train.engine import (DTYPES, DeepSpeedEngine, Engine, TorchEngine, resolve_precision,
+                                 training_device)
+from chatft.train.metrics import say
+from chatft.train.plan.apply import explain_out_of_memory
+from chatft.train.plan.hardware import parse_size
+from chatft.train.schedule import RunLength, run_length
+
+
+@dataclass
+class JobResult:
+    trained: loop.TrainResult
+    export_dir: Path | None  # output_dir/final (None with export off)
+    answers: dict[str, str]  # question -> the exported model's answer (process 0)
+
+
+def make_engine(cfg: Config, source: ModelSource, precision: str, device: torch.device,
+                length: RunLength) -> Engine:
+    """Build the model and wrap it in the engine the config asks for."""
+    dtype = DTYPES[precision]
+    # fp16 keeps fp32 weights (autocast / DeepSpeed's fp16 optimizer makes the half copies).
+    model_dtype = torch.float32 if precision == "fp16" else dtype
+    gc = cfg.model.gradient_checkpointing == "on"
+    fused = "liger" if use_liger(cfg.model, device) else "chunked"
+
+    def build(create_on: torch.device | None) -> torch.nn.Module:
+        return build_model(cfg.model, source, dtype=model_dtype,
+                           device=create_on if create_on is not None else device,
+                           seed=cfg.train.seed, gradient_checkpointing=gc,
+                           max_length=cfg.data.max_length)
+
+    if not cfg.uses_deepspeed:
+        return TorchEngine(cfg.train, build(device), precision, device, fused)
+    from chatft.train.ds_config import fill_auto, generated_config, load_user_config
+
+    raw = (load_user_config(cfg.deepspeed.config) if cfg.deepspeed.config
+           else generated_config(cfg.deepspeed, precision))
+    ds_config, warnings = fill_auto(raw, cfg.train, cfg.world_size, precision=precision,
+                                    total_steps=length.total_steps,
+                                    warmup_steps=length.warmup_steps,
+                                    hidden_size=getattr(model_config(source), "hidden_size", None))
+    for w in warnings:
+        say(f"warning: {w}", dist.get_rank())
+    return DeepSpeedEngine(cfg.train, build, ds_config, precision, device, fused)
+
+
+def ask(model_dir: Path, questions: list[str], device: torch.device) -> dict[str, str]:
+    """Greedy answers of the exported model to ``questions``, printed as they come."""
+    from chatft.serve.generate import SamplingParams, load_chat_model, reply
+
+    chat_model = load_chat_model(model_dir, device=str(device))
+    answers = {}
+    for question in questions:
+        answers[question] = reply(chat_model, [{"role": "user", "content": question}],
+                                  SamplingParams(max_new_tokens=128)).text
+        print(f"\n{question}\n> {answers[question]}", flush=True)
+    return answers
+
+
+def run_job(cfg: Config) -> JobResult:
+    """Train as ``cfg`` says, then export and ask. Every process calls this."""
+    rank, world = init_distributed(cfg.uses_deepspeed)
+    device = training_device()
+    if cfg.train.max_gpu_memory and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, parse_size(cfg.train.max_gpu_memory) / total), device)
+    torch.manual_seed(cfg.train.seed)
+    precision, note = resolve_precision(cfg.train.precision, device)
+    if note:
+        say(note, rank)
+    source = resolve_model(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(source, cfg.model.tokenizer)
+    prepared = prepare_data(cfg.data, tokenizer)  # from the cache the launcher filled
+    data = loop.TrainData(prepared.train, prepared.eval, packing=cfg.data.packing,
+                          pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    record = loop.RunRecord(tokenizer, cfg.to_dict(), source.label)
+    length = run_length(cfg.train, len(prepared.train), world)
+    with explain_out_of_memory(cfg, prepared.train.lengths):  # out of GPU memory: say what fits
+        engine = make_engine(cfg, source, precision, device, length)
+        result = loop.train(engine, data, cfg.train, record)
+
+    export_dir, answers = None, {}
+    t = cfg.train
+    if t.export:
+        export_dir = export_trained(
+            engine, tokenizer, Path(t.output_dir) / "final", dtype=t.export_dtype,
+            system=system_prompt(cfg.data), base_model=source.label, train_on=cfg.data.train_on,
+            summary={"steps": result.steps, "final_loss": result.final_loss,
+                     "eval_loss_before": result.eval_loss_before,
+                     "eval_loss_after": result.eval_loss_after,
+                     "resumed_from": str(result.resumed_from) if result.resumed_from else None})
+        questions = [t.ask] if t.ask else builtin_meta(cfg.data.path).get("ask", [])
+        if rank == 0 and questions:
+            answers = ask(export_dir, questions, device)
+    engine.barrier()
+    return JobResult(result, export_dir, answers)
