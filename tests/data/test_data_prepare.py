@@ -281,6 +281,23 @@ def test_option_defaults_match_the_config_defaults():
     assert DataOptions.from_config(DataArgs(path="data.json")) == DataOptions()
 
 
+def test_options_are_the_tokenizing_fields_of_data_args():
+    """DataOptions declares nothing of its own: its fields are DataArgs' (same types and
+    defaults), and every DataArgs field is either one of them (in the cache key) or one that
+    cannot change the tokens, so a new data option has to be put on one side."""
+    from dataclasses import fields
+
+    from chatft.config import DataArgs
+    from chatft.data.prepare import TOKENIZING_FIELDS
+
+    args = {f.name: f for f in fields(DataArgs)}
+    assert [f.name for f in fields(DataOptions)] == list(TOKENIZING_FIELDS)
+    for f in fields(DataOptions):
+        assert (f.type, f.default) == (args[f.name].type, args[f.name].default), f.name
+    assert set(args) - set(TOKENIZING_FIELDS) == {"path", "eval_ratio", "eval_file", "packing",
+                                                  "cache_dir"}
+
+
 # --------------------------------------------------------------------------- dataset
 
 

@@ -165,7 +165,7 @@ def test_current_strategy_and_buckets_read_a_users_deepspeed_json(tmp_path):
     cfg = load_config(None, ["--deepspeed", str(ds_json), "--gradient_checkpointing", "on",
                              "--checkpoint_layers", "5"])
     assert current_strategy(cfg, 28) == Strategy("deepspeed", 3, True, False, 5)
-    sizes = deepspeed_sizes(cfg, SEVEN_B)
+    sizes = deepspeed_sizes(cfg.deepspeed, SEVEN_B)
     assert sizes.reduce_bucket_size == 3584 * 3584  # "auto" as chatft fills it: hidden^2
     assert sizes.max_live_parameters == 12345
     assert sizes.prefetch_bucket_size == DeepSpeedSizes().prefetch_bucket_size

@@ -157,3 +157,77 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_run_length_by_hand():
+    from chatft.config import TrainArgs
+    from chatft.train.schedule import RunLength, run_length
+
+    # 10 samples, 4 per device x 2 processes: 8 per step, 2 steps per epoch; 1.5 epochs -> 3
+    # steps, warmup ceil(0.03 x 3) = 1
+    assert run_length(TrainArgs(num_train_epochs=1.5, per_device_train_batch_size=4), 10, 2) == \
+        RunLength(global_batch=8, steps_per_epoch=2, total_steps=3, warmup_steps=1)
+    # max_steps wins; accumulation multiplies the global batch
+    assert run_length(TrainArgs(max_steps=7, per_device_train_batch_size=2,
+                                gradient_accumulation_steps=3, warmup_steps=2), 100, 1) == \
+        RunLength(global_batch=6, steps_per_epoch=17, total_steps=7, warmup_steps=2)
+
+
+def _protocol_members() -> set[str]:
+    from chatft.export.hf import TrainedWeights
+    from chatft.train.engine import Engine
+
+    members = set()
+    for proto in (Engine, TrainedWeights):
+        members |= set(proto.__annotations__)
+        members |= {k for k, v in vars(proto).items() if callable(v) and not k.startswith("_")}
+    return members
+
+
+def test_the_loop_uses_only_the_engine_protocol():
+    """The loop never asks which engine it has: no isinstance/getattr/hasattr, and every
+    ``engine.X`` it touches is a member of the Engine protocol."""
+    import ast
+    import inspect
+
+    from chatft.train import loop
+
+    tree = ast.parse(inspect.getsource(loop))
+    asked = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name) and n.func.id in ("isinstance", "getattr", "hasattr")}
+    assert asked == set()
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id == "engine"}
+    members = _protocol_members()
+    assert {"forward", "backward", "step", "save", "load", "eval_mode", "writes_checkpoint"} <= used
+    assert used <= members, used - members
+
+
+def test_the_plain_engine_has_every_call_of_the_protocol_and_an_eval_mode():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from chatft.config import TrainArgs
+    from chatft.train.batching import pack
+    from chatft.train.engine import DeepSpeedEngine, TorchEngine
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         vocab_size=50, attention_dropout=0.5))
+    engine = TorchEngine(TrainArgs(), model, "fp32", torch.device("cpu"), "chunked")
+    missing = {m for m in _protocol_members() if not hasattr(engine, m)}
+    assert missing == set()
+    # the DeepSpeed engine defines the same calls (its attributes are set when it starts)
+    assert {m for m in _protocol_members() if callable(getattr(TorchEngine, m, None))} <= \
+        {m for m in dir(DeepSpeedEngine) if callable(getattr(DeepSpeedEngine, m))}
+    assert (engine.description, engine.kind, engine.rank, engine.world_size) == ("PyTorch", "torch", 0, 1)
+    import numpy as np
+
+    batch = pack([(np.arange(1, 9), np.array([0, 0, 0, 1, 1, 1, 1, 1], dtype=bool))])
+    with engine.eval_mode():
+        assert not model.training and not torch.is_grad_enabled()
+        a, n = engine.forward(batch)
+        b, _ = engine.forward(batch)
+        assert torch.equal(a, b) and int(n) == 5  # no dropout; the 5 trained tokens are targets
+        assert not a.requires_grad
+    assert model.training and torch.is_grad_enabled()

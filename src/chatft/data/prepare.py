@@ -8,6 +8,7 @@ sample read, kept, truncated and dropped, by reason.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chatft.config import DataArgs
 from chatft.data.formats import load_conversations
 from chatft.data.labels import trained_count
 from chatft.data.render import ChatFormat, Rendered, chat_format, render_many
@@ -39,21 +41,22 @@ def resolve_data_path(path: str) -> Path:
     return Path(path)
 
 
-@dataclass
-class DataOptions:
-    """The options that change the tokenized result (all part of the cache key)."""
+#: The fields of :class:`~chatft.config.DataArgs` that change the tokenized result; the other
+#: ones (the files, the split, packing, the cache folder) do not.
+TOKENIZING_FIELDS = ("format", "system", "train_on", "max_length", "overlong", "skip_bad",
+                     "verify_labels")
 
-    format: str = "auto"
-    system: str | None = None
-    train_on: str = "assistant"
-    max_length: int = 4096
-    overlong: str = "drop"
-    skip_bad: bool = False
-    verify_labels: bool = True
+
+class DataOptions(dataclasses.make_dataclass(
+        "_TokenizingFields", [(f.name, f.type, field(default=f.default))
+                        for f in dataclasses.fields(DataArgs) if f.name in TOKENIZING_FIELDS])):
+    """The options that change the tokenized result, all part of the cache key: the
+    :data:`TOKENIZING_FIELDS` of ``DataArgs``, with its types, defaults and documentation
+    (declared there only), and the system prompt resolved (:func:`system_prompt`)."""
 
     @classmethod
-    def from_config(cls, data_args) -> "DataOptions":
-        opts = cls(**{k: getattr(data_args, k) for k in cls.__dataclass_fields__})
+    def from_config(cls, data_args: DataArgs) -> "DataOptions":
+        opts = cls(**{k: getattr(data_args, k) for k in TOKENIZING_FIELDS})
         opts.system = system_prompt(data_args)
         return opts
 
@@ -71,7 +74,7 @@ def builtin_system(path: str) -> str | None:
     return builtin_meta(path).get("system")
 
 
-def system_prompt(data_args) -> str | None:
+def system_prompt(data_args: DataArgs) -> str | None:
     """The system prompt for records that carry none, and the one saved with the exported
     model: ``data.system``, else the built-in dataset's own (None for a file)."""
     return data_args.system if data_args.system is not None else builtin_system(data_args.path)

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from chatft.config import Config
+from chatft.config import Config, DeepSpeedArgs, ModelArgs
 from chatft.errors import ChatftError
 from chatft.train.batching import CUDA_TOKEN_MULTIPLE
 from chatft.train.plan.cost import DeepSpeedSizes, Job, LossKernel, Strategy, estimate
@@ -27,17 +27,17 @@ from chatft.train.plan.shape import ModelShape
 from chatft.train.schedule import run_length
 
 
-def resolve_kernels(cfg: Config) -> tuple[str, bool, LossKernel]:
+def resolve_kernels(model: ModelArgs, precision: str) -> tuple[str, bool, LossKernel]:
     """(attention, Liger kernels, loss) the engine will use on a GPU for this config."""
     import torch
 
     from chatft.model.build import liger_available, resolve_attention
 
-    dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16  # auto: bf16 on GPUs
-    attention = resolve_attention(cfg.model.attn_implementation, torch.device("cuda"), dtype)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16  # auto: bf16 on GPUs
+    attention = resolve_attention(model.attn_implementation, torch.device("cuda"), dtype)
     if attention not in ("sdpa", "flex_attention", "flash_attention_2", "varlen", "eager"):
         attention = "sdpa"
-    liger = cfg.model.liger_kernel == "on" or (cfg.model.liger_kernel == "auto" and liger_available())
+    liger = model.liger_kernel == "on" or (model.liger_kernel == "auto" and liger_available())
     return attention, liger, "fused" if liger else "chunked"
 
 
@@ -99,7 +99,7 @@ def job_from_config(cfg: Config, model_config: Any, tokens: int, gpus: int | Non
     """The planner's Job for a chatft config (precision auto = bf16: the plan is for GPUs).
     ``micro_batches``: per GPU per step (see :func:`micro_batch_layout`); by default the
     bound without sample lengths."""
-    attention, liger, loss = resolve_kernels(cfg)
+    attention, liger, loss = resolve_kernels(cfg.model, cfg.train.precision)
     precision = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
     gpus = gpus or cfg.world_size
     if micro_batches is None:
@@ -116,13 +116,13 @@ def job_from_config(cfg: Config, model_config: Any, tokens: int, gpus: int | Non
                micro_batches=micro_batches,
                pretrained=not cfg.model.random_init, export=cfg.train.export,
                export_bytes=4 if cfg.train.export_dtype == "fp32" else 2,
-               deepspeed=deepspeed_sizes(cfg, shape), varlen_takes_gqa=gqa)
+               deepspeed=deepspeed_sizes(cfg.deepspeed, shape), varlen_takes_gqa=gqa)
 
 
-def deepspeed_sizes(cfg: Config, shape: ModelShape) -> DeepSpeedSizes:
+def deepspeed_sizes(ds: DeepSpeedArgs, shape: ModelShape) -> DeepSpeedSizes:
     """Bucket sizes from the user's DeepSpeed JSON when there is one ("auto" as chatft fills it)."""
     sizes = DeepSpeedSizes()
-    zero = _user_zero(cfg)
+    zero = _user_zero(ds)
     h2 = shape.hidden_size * shape.hidden_size
     autos = {"reduce_bucket_size": h2, "stage3_prefetch_bucket_size": int(0.9 * h2)}
     values = {}
@@ -138,12 +138,12 @@ def deepspeed_sizes(cfg: Config, shape: ModelShape) -> DeepSpeedSizes:
     return replace(sizes, **values)
 
 
-def _user_zero(cfg: Config) -> dict[str, Any]:
+def _user_zero(ds: DeepSpeedArgs) -> dict[str, Any]:
     """The ``zero_optimization`` section of the user's DeepSpeed JSON ({} without one)."""
-    if not cfg.deepspeed.config:
+    if not ds.config:
         return {}
     try:
-        zero = json.loads(Path(cfg.deepspeed.config).read_text(encoding="utf-8")).get("zero_optimization")
+        zero = json.loads(Path(ds.config).read_text(encoding="utf-8")).get("zero_optimization")
     except (OSError, ValueError, AttributeError):
         return {}
     return zero if isinstance(zero, dict) else {}
@@ -158,7 +158,7 @@ def current_strategy(cfg: Config, num_layers: int) -> Strategy:
     if not cfg.uses_deepspeed:
         return Strategy("torch", checkpoint_layers=k)
     stage, opt, param = ds.zero_stage, ds.offload_optimizer == "cpu", ds.offload_param == "cpu"
-    zero = _user_zero(cfg)
+    zero = _user_zero(ds)
     if zero:
         stage = int(zero.get("stage", 0))
         opt = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
@@ -166,13 +166,13 @@ def current_strategy(cfg: Config, num_layers: int) -> Strategy:
     return Strategy("deepspeed", stage, opt, param and stage == 3, k)
 
 
-def model_config_for(cfg: Config) -> Any:
+def model_config_for(model: ModelArgs) -> Any:
     from chatft.model.loading import model_config, resolve_model
 
     try:
-        return model_config(resolve_model(cfg.model.name_or_path))
+        return model_config(resolve_model(model.name_or_path))
     except (OSError, ValueError) as e:
-        raise ChatftError(f"{cfg.model.name_or_path}: cannot read the model config ({e})") from None
+        raise ChatftError(f"{model.name_or_path}: cannot read the model config ({e})") from None
 
 
 def data_lengths(cfg: Config) -> tuple[Any, str]:
@@ -197,7 +197,7 @@ def plan_command(cfg: Config, *, gpus: int | None, gpu_mem: str | None, cpu_mem:
         host_budget = parse_size(cpu_mem)
     if gpus is not None and gpus < 1:
         raise ChatftError(f"--gpus {gpus}: expected at least 1")
-    model_cfg = model_config_for(cfg)
+    model_cfg = model_config_for(cfg.model)
     if tokens is not None:
         if tokens < 1:
             raise ChatftError(f"--tokens {tokens}: expected at least 1")
@@ -280,7 +280,7 @@ def auto_plan(cfg: Config, lengths: Sequence[int] | None) -> None:
         print("chatft: plan: a DeepSpeed JSON sets ZeRO and offload; planning recomputation only",
               file=sys.stderr)
     tokens, m = micro_batch_layout(cfg, lengths)
-    plan, changes = apply_plan(cfg, model_config_for(cfg), tokens, gpu_budget, host_budget, m)
+    plan, changes = apply_plan(cfg, model_config_for(cfg.model), tokens, gpu_budget, host_budget, m)
     rec = plan.recommended
     assert rec is not None
     L = plan.job.model.num_layers
@@ -336,7 +336,7 @@ def explain_out_of_memory(cfg: Config, lengths: Sequence[int] | None = None) -> 
         try:
             tokens, m = micro_batch_layout(cfg, lengths)
             message = out_of_memory_message(cfg, str(e), device=str(device), gpus=cfg.world_size,
-                                            tokens=tokens, model_config=model_config_for(cfg),
+                                            tokens=tokens, model_config=model_config_for(cfg.model),
                                             gpu_budget=gpu_budget, host_budget=host_budget,
                                             micro_batches=m)
         except ChatftError as why:  # the advice itself failed: still say what ran out
