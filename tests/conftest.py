@@ -1,7 +1,9 @@
-"""Shared fixtures: where the shared assets are, the real Qwen tokenizer, tiny models."""
+"""Shared fixtures: where the shared assets are, the real Qwen tokenizer, a chat dataset."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -11,30 +13,68 @@ REPO = Path(__file__).resolve().parents[1]
 HUANHUAN_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛."
 
 
-def shared_dir() -> Path | None:
-    """The folder holding data/huanhuan.json and assets/qwen.tiktoken, if present."""
+def shared_file(rel: str) -> Path | None:
+    """``rel`` (e.g. ``data/huanhuan.json``) in the shared folder: ``$CHATFT_SHARED``, else
+    ``../shared`` next to the checkout (or one level further up); None where none has it."""
     for cand in (os.environ.get("CHATFT_SHARED"), REPO.parent / "shared", REPO.parent.parent / "shared"):
-        if cand and (Path(cand) / "assets" / "qwen.tiktoken").is_file():
-            return Path(cand)
+        if cand and (Path(cand) / rel).is_file():
+            return Path(cand) / rel
     return None
 
 
-def _shared_file(rel: str) -> Path:
-    base = shared_dir()
-    if base is None:
-        pytest.skip("shared assets not found (set CHATFT_SHARED to the folder with "
-                    "data/huanhuan.json and assets/qwen.tiktoken)")
-    return base / rel
+def dashscope_tiktoken() -> Path | None:
+    """``qwen.tiktoken`` as PyPI's ``dashscope`` package ships it (Apache-2.0; the test command
+    installs it with --no-deps), found without importing the package."""
+    spec = importlib.util.find_spec("dashscope")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
+    return path if path.is_file() else None
 
 
 @pytest.fixture(scope="session")
 def qwen_tiktoken() -> Path:
-    return _shared_file("assets/qwen.tiktoken")
+    """Qwen's BPE ranks: the shared folder's copy, else dashscope's (the same ranks)."""
+    path = shared_file("assets/qwen.tiktoken") or dashscope_tiktoken()
+    if path is None:
+        pytest.skip("qwen.tiktoken not found: pip install --no-deps dashscope, or set "
+                    "CHATFT_SHARED to a folder with assets/qwen.tiktoken")
+    return path
 
 
 @pytest.fixture(scope="session")
 def huanhuan_path() -> Path:
-    return _shared_file("data/huanhuan.json")
+    """The tutorial's dataset itself, for the tests about its own numbers; tests that need some
+    chat data take :func:`chat_alpaca`."""
+    path = shared_file("data/huanhuan.json")
+    if path is None:
+        pytest.skip("huanhuan.json not found (a test of the tutorial's dataset itself): set "
+                    "CHATFT_SHARED to the folder with data/huanhuan.json")
+    return path
+
+
+def persona_alpaca_records() -> list[dict]:
+    """The built-in persona's 205 conversations as single-turn Alpaca records (each one's first
+    question and answer): real dialogue that ships with chatft, in the tutorial's format."""
+    from chatft.data.prepare import resolve_data_path
+
+    out = []
+    for line in resolve_data_path("builtin:persona").read_text(encoding="utf-8").splitlines():
+        messages = json.loads(line)["messages"]
+        question = next(m["content"] for m in messages if m["role"] == "user")
+        answer = next(m["content"] for m in messages if m["role"] == "assistant")
+        out.append({"instruction": question, "input": "", "output": answer})
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_alpaca(tmp_path_factory) -> Path:
+    """An Alpaca JSON file of 205 records (:func:`persona_alpaca_records`), for tests that need
+    some chat dataset."""
+    path = tmp_path_factory.mktemp("chat-data") / "persona_alpaca.json"
+    path.write_text(json.dumps(persona_alpaca_records(), ensure_ascii=False, indent=1),
+                    encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -97,7 +97,7 @@ SMALL_RECORDS = [{"instruction": "hi", "output": "yes yes"},
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, qwen_tokenizer_dir, huanhuan_path):
+def runs(tmp_path_factory, qwen_tokenizer_dir, chat_alpaca):
     """Every independent CLI run of this module, started together; name -> CompletedProcess."""
     work = tmp_path_factory.mktemp("cli")
     tiny = save_tiny_chatml_tokenizer(work / "tiny-tokenizer")
@@ -114,7 +114,7 @@ def runs(tmp_path_factory, qwen_tokenizer_dir, huanhuan_path):
     _write(work, "small.json", SMALL_RECORDS)
     jobs["inspect-plain"] = ["data", "inspect", "small.json", "--model", qwen, "--system", "Sys",
                              "--index", "0,1,5", "--no-colour"]
-    jobs["inspect-colour"] = ["data", "inspect", str(huanhuan_path), "--model", qwen,
+    jobs["inspect-colour"] = ["data", "inspect", str(chat_alpaca), "--model", qwen,
                               "--system", HUANHUAN_SYSTEM, "--colour", "always"]
     jobs["inspect-bad-index"] = ["data", "inspect", "small.json", "--model", str(tiny),
                                  "--index", "first"]
@@ -174,18 +174,17 @@ def test_inspect_plain_marks_trained_tokens(runs):
     assert "\x1b[" not in out
 
 
-def test_inspect_colours_roles_and_trained_tokens(runs, huanhuan_path):
+def test_inspect_colours_roles_and_trained_tokens(runs, chat_alpaca):
     r = runs["inspect-colour"]
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    first = json.loads(huanhuan_path.read_text(encoding="utf-8"))[0]
+    first = json.loads(chat_alpaca.read_text(encoding="utf-8"))[0]
     assert out.startswith("legend: ")
     block = out.split("\n--- record 0: ")[1].split("\n\n")[0]
     # trained pieces, in order, are exactly the answer and <|im_end|>
     assert "".join(TRAINED_PIECE.findall(block)) == first["output"] + "<|im_end|>"
     assert "\x1b[35m" in block and "\x1b[36m" in block  # system (magenta), user (cyan) text
-    assert "samples:   3729 read, 3729 kept, 0 dropped (none), 0 truncated\n" in out
-    assert "tokens:    254,427 total, 81,364 trained (32.0%)\n" in out
+    assert "samples:   205 read, 205 kept, 0 dropped (none), 0 truncated\n" in out
 
 
 def test_inspect_bad_index(runs):
@@ -194,31 +193,41 @@ def test_inspect_bad_index(runs):
     assert r.stderr == "chatft: error: --index 'first': expected record numbers such as 0,5,9\n"
 
 
+def test_prepare_prints_the_readme_numbers_of_huanhuan(tmp_path, qwen_tokenizer_dir,
+                                                      huanhuan_path):
+    r = run_cli(["data", "prepare", str(huanhuan_path), "--model", str(qwen_tokenizer_dir),
+                 "--system", HUANHUAN_SYSTEM], tmp_path, tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1:4] == [
+        "samples:   3729 read, 3729 kept, 0 dropped (none), 0 truncated",
+        "tokens:    254,427 total, 81,364 trained (32.0%)",
+        "length:    min 29, mean 68.2, p50 63, p95 120, max 250"]
+
+
 def test_prepare_reuses_the_cache_and_never_serves_it_stale(tmp_path, qwen_tokenizer_dir,
-                                                           huanhuan_path):
-    data = tmp_path / "huanhuan.json"
-    data.write_bytes(huanhuan_path.read_bytes())
+                                                           chat_alpaca):
+    data = tmp_path / "chat.json"
+    data.write_bytes(chat_alpaca.read_bytes())
     cache = tmp_path / "cache"
 
     def prepare(*extra: str) -> list[str]:
-        r = run_cli(["data", "prepare", "huanhuan.json", "--model", str(qwen_tokenizer_dir),
+        r = run_cli(["data", "prepare", "chat.json", "--model", str(qwen_tokenizer_dir),
                      "--system", HUANHUAN_SYSTEM, *extra], tmp_path, cache)
         assert r.returncode == 0, r.stderr
         return r.stdout.splitlines()
 
     first = prepare()
-    assert first[:4] == ["data:      huanhuan.json (alpaca)",
-                         "samples:   3729 read, 3729 kept, 0 dropped (none), 0 truncated",
-                         "tokens:    254,427 total, 81,364 trained (32.0%)",
-                         "length:    min 29, mean 68.2, p50 63, p95 120, max 250"]
+    assert first[:2] == ["data:      chat.json (alpaca)",
+                         "samples:   205 read, 205 kept, 0 dropped (none), 0 truncated"]
+    assert first[2].startswith("tokens:    ") and first[3].startswith("length:    min ")
     assert first[4].startswith(f"cache:     {cache}/") and not first[4].endswith("(reused)")
 
     again = prepare()
     assert again[:4] == first[:4] and again[4] == first[4] + " (reused)"
 
-    # one byte of one answer: 你 (e4 bd a0) -> 佡 (e4 bd a1)
+    # one byte of the first answer: "Quiet." -> "Quiez."
     raw = data.read_bytes()
-    edited = raw.replace("你放心".encode(), "佡放心".encode(), 1)
+    edited = raw.replace(b"Quiet.", b"Quiez.", 1)
     assert sum(a != b for a, b in zip(raw, edited)) == 1
     data.write_bytes(edited)
     changed = prepare()

@@ -119,8 +119,13 @@ def test_defaults_are_the_refit(measured):
 
 def test_stored_token_budgets_are_chatft_plans_and_the_script_reports(tmp_path, huanhuan_path,
                                                                       qwen_tiktoken, capsys):
+    shared = tmp_path / "shared"  # the layout the script reads, whichever folders hold the files
+    (shared / "data").mkdir(parents=True)
+    (shared / "assets").mkdir()
+    (shared / "data" / "huanhuan.json").symlink_to(huanhuan_path)
+    (shared / "assets" / "qwen.tiktoken").symlink_to(qwen_tiktoken)
     out = tmp_path / "result.json"
-    rc = main(["--shared", str(qwen_tiktoken.parents[1]), "--out", str(out)])
+    rc = main(["--shared", str(shared), "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out.strip().splitlines()
     last = json.loads(printed[-1])

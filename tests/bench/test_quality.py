@@ -83,11 +83,11 @@ def test_read_metrics_without_final_eval(tmp_path):
 # --------------------------------------------------------------------------- chatft options
 
 @pytest.mark.parametrize("name", list(q.VARIANTS))
-def test_variant_overrides_reach_the_config(name, tmp_path, huanhuan_path):
+def test_variant_overrides_reach_the_config(name, tmp_path, chat_alpaca):
     from chatft.config import load_config
 
     v = q.VARIANTS[name]
-    cfg = load_config(None, q.train_overrides(v, model=Path("m"), data=huanhuan_path, epochs=3,
+    cfg = load_config(None, q.train_overrides(v, model=Path("m"), data=chat_alpaca, epochs=3,
                                               precision="bf16", output_dir=tmp_path / name,
                                               seed=7))
     t, d = cfg.train, cfg.data
@@ -101,29 +101,29 @@ def test_variant_overrides_reach_the_config(name, tmp_path, huanhuan_path):
     assert t.micro_batch_tokens == 0 and d.max_length == 4096  # chatft's defaults unless capped
 
 
-def test_micro_batch_cap_sets_max_length(tmp_path, huanhuan_path):
+def test_micro_batch_cap_sets_max_length(tmp_path, chat_alpaca):
     from chatft.config import load_config
 
     cfg = load_config(None, q.train_overrides(q.VARIANTS["recommended"], model=Path("m"),
-                                              data=huanhuan_path, epochs=1, precision="fp32",
+                                              data=chat_alpaca, epochs=1, precision="fp32",
                                               output_dir=tmp_path, seed=1, micro_batch_tokens=1024))
     assert (cfg.train.micro_batch_tokens, cfg.data.max_length) == (1024, 1024)
     assert cfg.train.per_device_train_batch_size == 128  # the batch itself is unchanged
 
 
-def test_limited_data_keeps_first_records(tmp_path, huanhuan_path):
-    out = q.limited_data(huanhuan_path, 25, tmp_path)
-    full = json.loads(huanhuan_path.read_text(encoding="utf-8"))
+def test_limited_data_keeps_first_records(tmp_path, chat_alpaca):
+    out = q.limited_data(chat_alpaca, 25, tmp_path)
+    full = json.loads(chat_alpaca.read_text(encoding="utf-8"))
     assert json.loads(out.read_text(encoding="utf-8")) == full[:25]
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in full[:5]))
     lines = q.limited_data(jsonl, 3, tmp_path / "w").read_text().splitlines()
     assert [json.loads(x) for x in lines] == full[:3]
-    assert q.limited_data(huanhuan_path, None, tmp_path) == huanhuan_path
+    assert q.limited_data(chat_alpaca, None, tmp_path) == chat_alpaca
 
 
-def test_held_out_split_is_index_mod_10(tmp_path, huanhuan_path, qwen_tokenizer_dir):
-    data = q.limited_data(huanhuan_path, 40, tmp_path)
+def test_held_out_split_is_index_mod_10(tmp_path, chat_alpaca, qwen_tokenizer_dir):
+    data = q.limited_data(chat_alpaca, 40, tmp_path)
     split = q.held_out_split(q.train_overrides(q.VARIANTS["recommended"], model=qwen_tokenizer_dir,
                                                data=data, epochs=1, precision="fp32",
                                                output_dir=tmp_path / "out", seed=42))
@@ -150,8 +150,8 @@ def test_acceptance_checks():
 
 # --------------------------------------------------------------------------- end to end
 
-def test_run_benchmark_end_to_end(tmp_path, tiny_qwen2_dir, huanhuan_path):
-    opts = q.QualityOptions(model=str(tiny_qwen2_dir), data=str(huanhuan_path),
+def test_run_benchmark_end_to_end(tmp_path, tiny_qwen2_dir, chat_alpaca):
+    opts = q.QualityOptions(model=str(tiny_qwen2_dir), data=str(chat_alpaca),
                             variants=("reference_hp",), epochs=1, limit=20, device="cpu",
                             runs_dir=tmp_path / "runs", command="test")
     result = q.run_benchmark(opts)
@@ -180,10 +180,10 @@ def test_run_benchmark_end_to_end(tmp_path, tiny_qwen2_dir, huanhuan_path):
     assert json.loads(path.read_text(encoding="utf-8"))["variants"][0]["steps"] == 2
 
 
-def test_parallel_variants_report_progress_and_keep_order(tmp_path, tiny_qwen2_dir, huanhuan_path):
+def test_parallel_variants_report_progress_and_keep_order(tmp_path, tiny_qwen2_dir, chat_alpaca):
     """Variants trained at once: each finished one is reported as a partial record (complete
     False), and the final rows come back in the order asked, whatever order they finished."""
-    opts = q.QualityOptions(model=str(tiny_qwen2_dir), data=str(huanhuan_path),
+    opts = q.QualityOptions(model=str(tiny_qwen2_dir), data=str(chat_alpaca),
                             variants=("tutorial_hp", "reference_hp"), epochs=1, limit=20,
                             device="cpu", runs_dir=tmp_path / "runs", parallel=True,
                             command="test")

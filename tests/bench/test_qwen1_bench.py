@@ -203,11 +203,11 @@ def test_run_phase_stamps_lines_and_kills_on_timeout(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_end_to_end_on_cpu(tmp_path, huanhuan_path, qwen_tiktoken):
+def test_tiny_end_to_end_on_cpu(tmp_path, chat_alpaca, qwen_tiktoken):
     out = tmp_path / "results"
     cmd = [sys.executable, str(REPO / "bench" / "qwen1_7b.py"), "--shape", "tiny",
            "--workdir", str(tmp_path / "w"), "--out", str(out), "--label", "smoke",
-           "--data", str(huanhuan_path), "--tiktoken", str(qwen_tiktoken)]
+           "--data", str(chat_alpaca), "--tiktoken", str(qwen_tiktoken)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-4000:]
     result = json.loads((out / "qwen1_7b_smoke.json").read_text())

@@ -1,5 +1,5 @@
 """bench/train_speed.py end to end on the CPU: the tutorial's recipe under DeepSpeed's launcher
-and chatft's ZeRO-2 run, two processes each, tiny Qwen2, a slice of huanhuan."""
+and chatft's ZeRO-2 run, two processes each, tiny Qwen2, 40 Alpaca records of chat."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_cpu_smoke_runs_both_variants_and_writes_the_result(tmp_path, huanhuan_path, qwen_tiktoken):
-    records = json.loads(huanhuan_path.read_text(encoding="utf-8"))[:40]
-    data = tmp_path / "huanhuan40.json"
+def test_cpu_smoke_runs_both_variants_and_writes_the_result(tmp_path, chat_alpaca, qwen_tiktoken):
+    records = json.loads(chat_alpaca.read_text(encoding="utf-8"))[:40]
+    data = tmp_path / "chat40.json"
     data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "results"
     cmd = [sys.executable, str(REPO / "bench" / "train_speed.py"), "--model-config", "tiny",

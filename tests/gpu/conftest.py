@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import TINY_QWEN2, write_tiny_qwen2
-from tests.train.conftest import huanhuan_small, tiny_qwen2_dir  # noqa: F401  (shared fixtures)
+from tests.train.conftest import chat_small, tiny_qwen2_dir  # noqa: F401  (shared fixtures)
 
 
 #: TINY_QWEN2 with head size 64 (width 128 over 2 heads; 1 key-value head).

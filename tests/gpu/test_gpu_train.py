@@ -51,9 +51,9 @@ def test_packed_attention_kernels_equal_sdpa_on_cuda(attn):
 
 
 @pytest.fixture(scope="module")
-def gpu_runs(tmp_path_factory, tiny_qwen2_gpu_dir, huanhuan_small):
+def gpu_runs(tmp_path_factory, tiny_qwen2_gpu_dir, chat_small):
     root = tmp_path_factory.mktemp("gpu")
-    common = ["--model", tiny_qwen2_gpu_dir, "--data", huanhuan_small, "--system", SYSTEM,
+    common = ["--model", tiny_qwen2_gpu_dir, "--data", chat_small, "--system", SYSTEM,
               "--max_steps", "4", "--learning_rate", "1e-3", "--save_steps", "2", "--seed", "7"]
     layouts = {"plain_fp32": ["--per_device_train_batch_size", "8", "--precision", "fp32",
                               "--liger_kernel", "off"],

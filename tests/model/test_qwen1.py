@@ -518,10 +518,15 @@ def test_loading_routes_a_qwen1_folder(tiny_qwen1_dir, qwen_tokenizer):
     assert tok(text)["input_ids"] == qwen_tokenizer(text)["input_ids"]
 
 
-def test_data_inspect_with_a_qwen1_folder(tiny_qwen1_dir, huanhuan_path, tmp_path):
+def test_data_inspect_with_a_qwen1_folder(tiny_qwen1_dir, tmp_path):
     env = {**os.environ, "CHATFT_DATA_CACHE": str(tmp_path / "cache")}
+    data = tmp_path / "three.json"  # record 2 is huanhuan's record 2
+    data.write_text(json.dumps([{"instruction": "hi", "input": "", "output": "yes"},
+                                {"instruction": "你是谁", "input": "", "output": "我是甄嬛。"},
+                                {"instruction": "皇上驾到！", "input": "", "output": "皇上万福金安。"}],
+                               ensure_ascii=False), encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "chatft", "data", "inspect", str(huanhuan_path),
+        [sys.executable, "-m", "chatft", "data", "inspect", str(data),
          "--model", str(tiny_qwen1_dir), "--index", "2", "--colour", "never"],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -530,4 +535,4 @@ def test_data_inspect_with_a_qwen1_folder(tiny_qwen1_dir, huanhuan_path, tmp_pat
     assert "--- record 2: 31 tokens, 7 trained" in proc.stdout
     assert "<|im_start|>user\n皇上驾到！<|im_end|>\n<|im_start|>assistant\n" \
         "[皇上][万][福][金][安][。][<|im_end|>]" in proc.stdout
-    assert "3729 read, 3729 kept" in proc.stdout
+    assert "3 read, 3 kept" in proc.stdout

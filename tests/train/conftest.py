@@ -1,5 +1,5 @@
 """Fixtures for training tests: a tiny random Qwen2 folder with the real Qwen tokenizer, a small
-slice of huanhuan, and a helper that runs ``chatft`` as users do (a subprocess)."""
+chat dataset, and a helper that runs ``chatft`` as users do (a subprocess)."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def tiny_qwen2_dir(tmp_path_factory, qwen_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
-def huanhuan_small(tmp_path_factory, huanhuan_path) -> Path:
-    """The first 64 records of huanhuan (same format, real text)."""
-    records = json.loads(huanhuan_path.read_text(encoding="utf-8"))[:64]
-    path = tmp_path_factory.mktemp("data") / "huanhuan64.json"
+def chat_small(tmp_path_factory, chat_alpaca) -> Path:
+    """The first 64 records of :func:`chat_alpaca` (Alpaca, like the tutorial's data; real text)."""
+    records = json.loads(chat_alpaca.read_text(encoding="utf-8"))[:64]
+    path = tmp_path_factory.mktemp("data") / "chat64.json"
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     return path
 

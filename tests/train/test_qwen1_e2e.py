@@ -15,12 +15,12 @@ SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛."
 
 
 def test_qwen1_folder_trains_on_zero2_exports_reloads_and_chats(tmp_path, tiny_qwen1_dir,
-                                                              huanhuan_small):
+                                                              chat_small):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    run_chatft("train", "--model", tiny_qwen1_dir, "--data", huanhuan_small, "--system", SYSTEM,
+    run_chatft("train", "--model", tiny_qwen1_dir, "--data", chat_small, "--system", SYSTEM,
                "--output_dir", out, "--nproc", "2", "--zero_stage", "2", "--max_steps", "3",
                "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--precision", "fp32",
                "--eval_ratio", "0.1")

@@ -1,7 +1,7 @@
 """CPU end to end on the real DeepSpeed path: train -> checkpoint -> resume -> export -> reload ->
 generate, and the invariances that say the distributed engine computes what one process does.
 
-All runs use the same tiny random Qwen2 (real Qwen tokenizer), the first 64 huanhuan records,
+All runs use the same tiny random Qwen2 (real Qwen tokenizer), 64 Alpaca records of real chat,
 fp32, and a global batch of 8 samples per step:
 
 * ``plain``       one process, no DeepSpeed, micro-batch 8 x accumulation 1
@@ -35,7 +35,7 @@ def _common(model: Path, data: Path, out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_qwen2_dir, huanhuan_small) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_qwen2_dir, chat_small) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("e2e")
     layouts = {
         "plain": ["--per_device_train_batch_size", "8"],
@@ -47,7 +47,7 @@ def runs(tmp_path_factory, tiny_qwen2_dir, huanhuan_small) -> dict[str, Path]:
     out = {}
     for name, extra in layouts.items():
         out[name] = root / name
-        proc = run_chatft(*_common(tiny_qwen2_dir, huanhuan_small, out[name]), *extra)
+        proc = run_chatft(*_common(tiny_qwen2_dir, chat_small, out[name]), *extra)
         (out[name] / "stderr.txt").write_text(proc.stderr)
     return out
 
@@ -81,14 +81,14 @@ def test_checkpoints_are_complete_and_rotated(runs):
 
 @pytest.mark.parametrize("name", ["zero2", "plain"])
 def test_resumed_run_reproduces_the_uninterrupted_losses(runs, name, tmp_path, tiny_qwen2_dir,
-                                                         huanhuan_small):
+                                                         chat_small):
     """Resume from the step-2 checkpoint of a finished run: steps 3-4 come out the same."""
     resumed = tmp_path / name
     shutil.copytree(runs[name], resumed, ignore=shutil.ignore_patterns("final", "step-000004"))
     (resumed / "checkpoints" / "latest").write_text("step-000004\n")  # stale: falls back to step 2
     layout = ["--per_device_train_batch_size", "8"] if name == "plain" else \
         ["--per_device_train_batch_size", "4", "--nproc", "2", "--zero_stage", "2"]
-    proc = run_chatft(*_common(tiny_qwen2_dir, huanhuan_small, resumed), *layout, "--resume", "auto")
+    proc = run_chatft(*_common(tiny_qwen2_dir, chat_small, resumed), *layout, "--resume", "auto")
     assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
     assert step_losses(resumed) == pytest.approx(step_losses(runs[name]), rel=1e-6)
     assert json.loads((resumed / "final" / "chatft.json").read_text())["extra"]["resumed_from"]
@@ -133,7 +133,7 @@ def test_chat_one_shot_uses_the_saved_persona(runs):
 
 
 def test_tutorial_deepspeed_json_runs_unchanged_with_cpu_offload(tmp_path, tiny_qwen2_dir,
-                                                                 huanhuan_small):
+                                                                 chat_small):
     """The tutorial's ds_config.json (ZeRO-2, CPUAdam offload, offload_param, fp16 and every
     batch/optimizer/scheduler value "auto") works as is; its offload_param gets a warning."""
     from tests.train.test_train_units import TUTORIAL_DS
@@ -141,7 +141,7 @@ def test_tutorial_deepspeed_json_runs_unchanged_with_cpu_offload(tmp_path, tiny_
     ds = tmp_path / "ds_config.json"
     ds.write_text(json.dumps(TUTORIAL_DS))
     out = tmp_path / "tutorial"
-    proc = run_chatft("train", "--model", tiny_qwen2_dir, "--data", huanhuan_small, "--system", SYSTEM,
+    proc = run_chatft("train", "--model", tiny_qwen2_dir, "--data", chat_small, "--system", SYSTEM,
                       "--output_dir", out, "--max_steps", "3", "--per_device_train_batch_size", "4",
                       "--nproc", "2", "--deepspeed", ds, "--learning_rate", "1e-3", "--export", "false",
                       timeout=1500)
@@ -155,11 +155,11 @@ def test_tutorial_deepspeed_json_runs_unchanged_with_cpu_offload(tmp_path, tiny_
     assert lrs == pytest.approx([0.0, 0.0, 1e-3])
 
 
-def test_fp16_with_loss_scaling_and_tensorboard(tmp_path, tiny_qwen2_dir, huanhuan_small):
+def test_fp16_with_loss_scaling_and_tensorboard(tmp_path, tiny_qwen2_dir, chat_small):
     """fp16 on the plain engine (autocast + dynamic loss scaling) trains and exports; the
     TensorBoard writer records the run."""
     out = tmp_path / "fp16"
-    run_chatft("train", "--model", tiny_qwen2_dir, "--data", huanhuan_small, "--output_dir", out,
+    run_chatft("train", "--model", tiny_qwen2_dir, "--data", chat_small, "--output_dir", out,
                "--max_steps", "3", "--per_device_train_batch_size", "8", "--precision", "fp16",
                "--learning_rate", "1e-3", "--report_to", "tensorboard")
     assert len(step_losses(out)) == 3
