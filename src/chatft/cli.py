@@ -1,8 +1,8 @@
 """The ``chatft`` command: thin wrappers that parse arguments and call named steps.
 
 Every step lives in the library (``chatft.data.steps``, ``chatft.job``, ``chatft.train.plan``,
-``chatft.export``, ``chatft.serve``); this module only wires arguments to them. A :class:`ChatftError` becomes a
-one-paragraph message on stderr and exit code 2.
+``chatft.export``, ``chatft.serve``); this module only wires arguments to them. A
+:class:`ChatftError` becomes a one-paragraph message on stderr and exit code 2.
 """
 
 from __future__ import annotations

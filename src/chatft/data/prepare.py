@@ -49,7 +49,7 @@ TOKENIZING_FIELDS = ("format", "system", "train_on", "max_length", "overlong", "
 
 class DataOptions(dataclasses.make_dataclass(
         "_TokenizingFields", [(f.name, f.type, field(default=f.default))
-                        for f in dataclasses.fields(DataArgs) if f.name in TOKENIZING_FIELDS])):
+                              for f in dataclasses.fields(DataArgs) if f.name in TOKENIZING_FIELDS])):
     """The options that change the tokenized result, all part of the cache key: the
     :data:`TOKENIZING_FIELDS` of ``DataArgs``, with its types, defaults and documentation
     (declared there only), and the system prompt resolved (:func:`system_prompt`)."""

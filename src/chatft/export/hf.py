@@ -233,6 +233,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
     from chatft.config import config_from_dict
     from chatft.data.prepare import system_prompt
     from chatft.data.render import chat_format
+
     folder = Path(checkpoint)
     if not ckpt.is_checkpoint(folder):
         latest = ckpt.latest_checkpoint(folder)
