@@ -522,7 +522,8 @@ def step_stats(step_times: list[float], step_tokens: list[int], gpus: int, param
             "step_time_mean_s": round(statistics.mean(times), 4),
             "first_step_time_s": round(step_times[0], 3),
             "tokens_per_step_mean": round(statistics.mean(tokens), 1),
-            "tokens_per_s_per_gpu": round(tps, 2), "mfu": round(mfu(tps, params), 5)}
+            # five significant digits: a CPU smoke run's MFU (~1e-6) must not round to 0
+            "tokens_per_s_per_gpu": round(tps, 2), "mfu": float(f"{mfu(tps, params):.5g}")}
 
 
 # --------------------------------------------------------------------------- variants

@@ -71,7 +71,10 @@ def test_step_stats_leave_out_warmup():
     assert stats["steps_measured"] == 2
     assert stats["step_time_p50_s"] == 2.0 and stats["step_time_mean_s"] == 3.0
     assert stats["tokens_per_s_per_gpu"] == round(800 / 6 / 2, 2)
-    assert stats["mfu"] == round(800 / 6 / 2 * 6e9 / 989e12, 5)
+    assert stats["mfu"] == pytest.approx(800 / 6 / 2 * 6e9 / 989e12, rel=1e-4)  # 5 digits
+    # a CPU smoke run of the tiny model (15 tokens/s per process): ~1.8e-6, not rounded to 0
+    tiny = ts.step_stats([1.0, 1.0], [30, 30], gpus=2, params=19_538_496, warmup=1)["mfu"]
+    assert tiny == pytest.approx(15 * 6 * 19_538_496 / 989e12, rel=1e-4)
     assert ts.step_stats([10.0], [100], gpus=1, params=1, warmup=1) == {"steps_measured": 0}
 
 
