@@ -79,9 +79,11 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     _no_extra("serve", rest)
     if not 0 <= args.port <= 65535:
         raise ChatftError(f"--port {args.port}: expected 0..65535")
+    if args.max_batch_size < 1:
+        raise ChatftError(f"--max-batch-size {args.max_batch_size}: expected at least 1")
     cm = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
     serve(cm, host=args.host, port=args.port, api_key=args.api_key or None,
-          max_batch_size=args.max_batch_size)
+          max_batch_size=args.max_batch_size, allowed_hosts=args.allowed_hosts)
     return 0
 
 
@@ -234,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer KEY' on /v1 (default: $CHATFT_API_KEY)")
     sv.add_argument("--max-batch-size", type=int, default=32,
                     help="most requests generated together (default 32)")
+    sv.add_argument("--allowed-hosts", default=os.environ.get("CHATFT_ALLOWED_HOSTS"),
+                    help="without --api-key, only requests addressed to localhost, 127.0.0.1, "
+                         "[::1] or --host are answered (against DNS rebinding); these "
+                         "comma-separated names are answered too, e.g. myhost.lan,10.0.0.5; "
+                         "'*' answers any (default: $CHATFT_ALLOWED_HOSTS)")
     sv.set_defaults(func=cmd_serve)
     return p
 
