@@ -59,12 +59,13 @@ def cmd_chat(args: argparse.Namespace, rest: list[str]) -> int:
     from chatft.serve.generate import load_chat_model
 
     _no_extra("chat", rest)
-    if args.top_k < 0 or args.repetition_penalty <= 0:
-        raise ChatftError("chat: --top-k must be >= 0 and --repetition-penalty > 0")
+    knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                 repetition_penalty=args.repetition_penalty)
+    chat.check_options(**knobs)  # before the (slow) model load
     cm = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
-    opts = dict(system=args.system, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    chat.check_options(**knobs, max_context=cm.max_context)
+    opts = dict(system=args.system, **knobs)
     if args.prompt is not None:
         chat.one_shot(cm, args.prompt, **opts)
     else:
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="0 = greedy; default: greedy with --prompt, else the model's defaults")
     ch.add_argument("--top-p", type=float, help="nucleus sampling threshold")
     ch.add_argument("--top-k", type=int, default=0,
-                    help="sample among the k most likely tokens only (0 = no limit)")
+                    help="sample among the k most likely tokens only (0 or -1 = no limit)")
     ch.add_argument("--repetition-penalty", type=float, default=1.0,
                     help="> 1 discourages tokens already in the conversation (1 = off; "
                          "applies to greedy answers too)")
