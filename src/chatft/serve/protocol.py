@@ -1,8 +1,11 @@
 """The OpenAI chat-completions wire format: request validation and response bodies.
 
-Kept apart from the HTTP layer so every rule is a plain function of the JSON body. A
-request that breaks a rule raises :class:`ApiError`, which the server turns into an HTTP
-4xx with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
+Kept apart from the HTTP layer so every rule is a plain function of the body:
+:func:`decode_body` (bytes -> JSON value, refusing what Python's ``json`` accepts but no field
+can use) then :func:`parse_request` (JSON value -> :class:`ChatRequest`, numeric ranges from
+:mod:`chatft.serve.limits`). A request that breaks a rule raises :class:`ApiError`, which the
+server turns into an HTTP 4xx with OpenAI's error body
+``{"error": {"message", "type", "param", "code"}}``, ``param`` naming the field.
 
 Supported: ``messages`` (system/developer, user, assistant; text content as a string or as
 a list of ``{"type": "text"}`` parts), ``temperature``, ``top_p``, ``max_tokens`` /
