@@ -72,3 +72,4 @@ def test_refusal_says_how_to_allow():
     assert "--allowed-hosts evil.example " in msg and "--api-key" in msg
     msg = HostPolicy().refusal("Origin", "https://evil.example")
     assert "--allowed-hosts evil.example " in msg
+    assert "--allowed-hosts '*'" in HostPolicy().refusal("Origin", "null")

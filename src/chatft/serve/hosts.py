@@ -105,10 +105,13 @@ class HostPolicy:
 
     def refusal(self, what: str, value: str) -> str:
         """The 403 message: what was refused and how to allow it."""
-        name = split_host(value)[0] if what == "Host" else (urlsplit(value).hostname or value)
+        name = split_host(value)[0] if what == "Host" else urlsplit(value).hostname
+        how = (f"To allow this name, start the server with --allowed-hosts {name} "
+               "(comma-separated; '*' allows any)" if name else
+               "A page without an origin (a sandboxed frame, a file) is allowed only by "
+               "--allowed-hosts '*'")
         return (f"{what} {value!r} is not allowed: without --api-key this server answers only "
                 f"requests addressed to localhost, 127.0.0.1, [::1] or the address it listens "
                 f"on ({self.bound}), and POSTs only from its own web page, so that other web "
-                f"pages cannot use it (DNS rebinding, cross-site requests). To allow this name, "
-                f"start the server with --allowed-hosts {name} (comma-separated; '*' allows "
-                f"any), or set --api-key.")
+                f"pages cannot use it (DNS rebinding, cross-site requests). {how}, or set "
+                f"--api-key.")
