@@ -59,12 +59,13 @@ def cmd_chat(args: argparse.Namespace, rest: list[str]) -> int:
     from chatft.serve.generate import load_chat_model
 
     _no_extra("chat", rest)
-    if args.top_k < 0 or args.repetition_penalty <= 0:
-        raise ChatftError("chat: --top-k must be >= 0 and --repetition-penalty > 0")
+    knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                 repetition_penalty=args.repetition_penalty)
+    chat.check_options(**knobs)  # before the (slow) model load
     cm = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
-    opts = dict(system=args.system, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    chat.check_options(**knobs, max_context=cm.max_context)
+    opts = dict(system=args.system, **knobs)
     if args.prompt is not None:
         chat.one_shot(cm, args.prompt, **opts)
     else:
@@ -79,9 +80,11 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     _no_extra("serve", rest)
     if not 0 <= args.port <= 65535:
         raise ChatftError(f"--port {args.port}: expected 0..65535")
+    if args.max_batch_size < 1:
+        raise ChatftError(f"--max-batch-size {args.max_batch_size}: expected at least 1")
     cm = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
     serve(cm, host=args.host, port=args.port, api_key=args.api_key or None,
-          max_batch_size=args.max_batch_size)
+          max_batch_size=args.max_batch_size, allowed_hosts=args.allowed_hosts)
     return 0
 
 
@@ -216,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="0 = greedy; default: greedy with --prompt, else the model's defaults")
     ch.add_argument("--top-p", type=float, help="nucleus sampling threshold")
     ch.add_argument("--top-k", type=int, default=0,
-                    help="sample among the k most likely tokens only (0 = no limit)")
+                    help="sample among the k most likely tokens only (0 or -1 = no limit)")
     ch.add_argument("--repetition-penalty", type=float, default=1.0,
                     help="> 1 discourages tokens already in the conversation (1 = off; "
                          "applies to greedy answers too)")
@@ -234,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require 'Authorization: Bearer KEY' on /v1 (default: $CHATFT_API_KEY)")
     sv.add_argument("--max-batch-size", type=int, default=32,
                     help="most requests generated together (default 32)")
+    sv.add_argument("--allowed-hosts", default=os.environ.get("CHATFT_ALLOWED_HOSTS"),
+                    help="without --api-key, only requests addressed to localhost, 127.0.0.1, "
+                         "[::1] or --host are answered (against DNS rebinding); these "
+                         "comma-separated names are answered too, e.g. myhost.lan,10.0.0.5; "
+                         "'*' answers any (default: $CHATFT_ALLOWED_HOSTS)")
     sv.set_defaults(func=cmd_serve)
     return p
 

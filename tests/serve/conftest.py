@@ -96,6 +96,8 @@ def served(tiny_export_dir):
     s = start_server(tiny_export_dir)
     yield s
     assert stop_server(s) == 0, "".join(s.output)
+    # Bad requests, disconnects and floods alike: nothing may reach the log as a traceback.
+    assert "Traceback" not in "".join(s.output), "".join(s.output)
 
 
 @pytest.fixture

@@ -165,6 +165,10 @@ BAD_BODIES = [
     (json.dumps({"messages": HI, "stream": "true"}), 400, "stream"),
     (json.dumps({"messages": [{"role": "user", "content": "word " * (CONTEXT + 10)}]}), 400,
      "messages"),
+    ('{"messages": %s, "temperature": NaN}' % json.dumps(HI), 400, "temperature"),
+    ('{"messages": %s, "top_p": Infinity}' % json.dumps(HI), 400, "top_p"),
+    (json.dumps({"messages": HI, "seed": 2 ** 70}), 400, "seed"),
+    ("[" * 10_000 + "]" * 10_000, 400, None),
 ]
 
 
@@ -191,6 +195,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
             got, ok = await _post(s, served.url, json.dumps({"messages": HI, "max_tokens": 3}))
             assert got == 200 and ok["choices"][0]["finish_reason"] == "length"
     asyncio.run(main())
+    assert "Traceback" not in "".join(served.output)  # every refusal was foreseen
 
 
 def test_32_concurrent_clients_times_4_requests_all_answered(served):
@@ -267,9 +272,9 @@ async def _start_unread_request(url: str, payload: dict, what: str) -> asyncio.S
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps(payload).encode()
     _, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-                 + body)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                 % (host.encode(), port.encode(), len(body)) + body)
     await writer.drain()
     await asyncio.to_thread(_wait_for, url, lambda h: h["running"] >= 1, what)
     return writer
@@ -314,3 +319,27 @@ def test_disconnected_non_streaming_client_is_cancelled(served):
     after = _wait_for(served.url, lambda h: h["cancelled"] > before["cancelled"] and
                       h["running"] == 0, "the request to be cancelled")
     assert after["completed"] == before["completed"]
+
+
+def test_allowed_hosts_option(tiny_export_dir):
+    """``chatft serve --allowed-hosts``: the named host is answered, others get 403."""
+    import urllib.error
+    import urllib.request
+
+    from .conftest import start_server, stop_server
+
+    def status(url: str, host: str) -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + "/config",
+                                                               headers={"Host": host})) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            assert json.loads(e.read())["error"]["code"] == "host_not_allowed"
+            return e.code
+
+    s = start_server(tiny_export_dir, "--allowed-hosts", "chat.example, box.lan")
+    try:
+        assert [status(s.url, h) for h in ("chat.example:8000", "box.lan", "localhost",
+                                           "evil.example")] == [200, 200, 200, 403]
+    finally:
+        assert stop_server(s) == 0, "".join(s.output)

@@ -1,14 +1,17 @@
-"""``chatft chat``: one-shot and interactive, as a user runs them (subprocess)."""
+"""``chatft chat``: one-shot and interactive, as a user runs them (subprocess); the range
+checks of its options (in-process ``main``)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
+
 from chatft.serve.batch import SamplingParams
 from chatft.serve.generate import reply
 
-from .conftest import PERSONA
+from .conftest import CONTEXT, PERSONA
 
 
 def _answers(out: str, n_tokens: int) -> list[str]:
@@ -70,3 +73,32 @@ def test_not_a_model_folder(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("chatft: error:") and "config.json" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--top-p", "0"], "--top-p must be > 0 and <= 1, got 0.0"),
+    (["--repetition-penalty", "-1"], "--repetition-penalty must be > 0 and <= 10"),
+    (["--top-k", "-2"], "--top-k must be -1 or 0"),
+    (["--seed", str(2 ** 70)], "--seed must be between -2**63 and 2**64-1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+])
+def test_chat_cli_refuses_bad_numbers_before_loading(argv, message, tmp_path, capsys):
+    from chatft.cli import main
+
+    # The folder does not exist: the options are checked first, without the slow load.
+    assert main(["chat", str(tmp_path / "missing"), "--prompt", "hi", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chatft: error: chat: ") and message in err, err
+
+
+def test_chat_cli_reports_every_problem_and_the_context_bound(tiny_export_dir, capsys):
+    from chatft.cli import main
+
+    assert main(["chat", "nowhere", "--temperature", "nan", "--top-p", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert "--temperature" in err and "--top-p" in err
+    assert main(["chat", str(tiny_export_dir), "--prompt", "hi", "--device", "cpu",
+                 "--max-new-tokens", str(CONTEXT + 1)]) == 2
+    assert f"more than the model's whole context ({CONTEXT} tokens)" in capsys.readouterr().err

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
-from chatft.serve.protocol import ApiError, parse_request
+from chatft.serve.protocol import MAX_DEPTH, ApiError, decode_body, parse_request
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -66,6 +69,28 @@ def test_fields_are_read():
     ({"messages": USER, "min_p": 0.05}, "min_p"),
     ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": USER, "model": 7}, "model"),
+    # Non-finite and out-of-range numbers (a Python caller can pass NaN directly).
+    ({"messages": USER, "temperature": math.nan}, "temperature"),
+    ({"messages": USER, "temperature": math.inf}, "temperature"),
+    ({"messages": USER, "temperature": -0.5}, "temperature"),
+    ({"messages": USER, "top_p": math.nan}, "top_p"),
+    ({"messages": USER, "top_p": -0.1}, "top_p"),
+    ({"messages": USER, "repetition_penalty": math.nan}, "repetition_penalty"),
+    ({"messages": USER, "repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"messages": USER, "repetition_penalty": 1e6}, "repetition_penalty"),
+    ({"messages": USER, "frequency_penalty": math.nan}, "frequency_penalty"),
+    ({"messages": USER, "frequency_penalty": 3}, "frequency_penalty"),
+    ({"messages": USER, "min_p": math.nan}, "min_p"),
+    ({"messages": USER, "seed": 2 ** 70}, "seed"),
+    ({"messages": USER, "seed": -2 ** 63 - 1}, "seed"),
+    ({"messages": USER, "n": 0}, "n"),
+    ({"messages": USER, "n": 1.0}, "n"),
+    ({"messages": USER, "max_tokens": -(2 ** 70)}, "max_tokens"),
+    ({"messages": USER, "max_completion_tokens": 0, "max_tokens": 5}, "max_completion_tokens"),
+    ({"messages": USER, "max_completion_tokens": 5, "max_tokens": "x"}, "max_tokens"),
+    ({"messages": USER, "stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ({"messages": USER, "top_logprobs": 3}, "top_logprobs"),
 ])
 def test_bad_requests_name_the_parameter(body, param):
     with pytest.raises(ApiError) as e:
@@ -84,3 +109,49 @@ def test_sampling_extensions():
             parse_request({"messages": USER}).repetition_penalty) == (0, 1.0)
     req = parse_request({"messages": USER, "top_k": 40, "repetition_penalty": 1.2})
     assert (req.top_k, req.repetition_penalty) == (40, 1.2)
+
+
+def test_extreme_values_in_range_are_accepted():
+    r = parse_request({"messages": USER, "seed": 2 ** 64 - 1, "top_k": 10 ** 30,
+                       "temperature": 2, "top_p": 1, "max_completion_tokens": 3})
+    assert (r.seed, r.top_k, r.temperature, r.top_p) == (2 ** 64 - 1, 10 ** 30, 2.0, 1.0)
+    assert (r.max_tokens, r.max_tokens_param) == (3, "max_completion_tokens")
+    assert parse_request({"messages": USER, "seed": -2 ** 63}).seed == -2 ** 63
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"messages": [], "temperature": NaN}', "temperature"),
+    (b'{"top_p": Infinity}', "top_p"),
+    (b'{"repetition_penalty": -Infinity}', "repetition_penalty"),
+    (b'{"temperature": 1e999}', "temperature"),
+    (b'{"seed": ' + b"1" * 41 + b"}", "seed"),
+    (b'{"seed": -' + b"9" * 5000 + b"}", "seed"),  # Python's own 4300-digit limit, named
+    (b'{"messages": [{"role": "user", "content": "hi"}], "metadata": {"a": [NaN]}}',
+     "metadata.a[0]"),
+    (b'{"stream_options": {"include_usage": NaN}}', "stream_options.include_usage"),
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    (b'{"stop": ["\\udfff"]}', "stop[0]"),
+    (b'{"metadata": ' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}", "metadata"),
+    (b"[" * 10_000 + b"]" * 10_000, None),  # deeper than the C decoder's own guard
+    (b"[" * 500 + b"]" * 500, None),  # decodes, refused by the depth bound
+    (b"NaN", None),
+    (b"{not json", None),
+    (b"\xff\xfe\x00", None),
+    (b"", None),
+])
+def test_decode_refuses_what_json_loads_lets_through(raw, param):
+    with pytest.raises(ApiError) as e:
+        decode_body(raw)
+    assert e.value.status == 400 and e.value.param == param, e.value.message
+    assert e.value.message
+
+
+def test_decode_accepts_ordinary_bodies():
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "皇上 😀 \u00e9"}]}],
+            "temperature": 0.5, "seed": -(2 ** 63), "metadata": {"a": {"b": [1, 2.5, None]}}}
+    assert decode_body(json.dumps(body).encode()) == body  # surrogate pairs are text
+    assert decode_body(json.dumps(body, ensure_ascii=False).encode("utf-16")) == body
+    nested = {"x": 0}
+    for _ in range(MAX_DEPTH - 1):
+        nested = {"x": nested}
+    assert decode_body(json.dumps(nested).encode()) == nested  # exactly at the bound

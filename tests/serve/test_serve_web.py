@@ -19,7 +19,9 @@ from .conftest import PERSONA
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
+        "--disable-component-update", "--no-first-run", "--disable-sync",
+        # A DNS-rebinding attacker's name that resolves to this machine.
+        "--host-resolver-rules=MAP rebind.test 127.0.0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -85,4 +87,46 @@ def test_chat_page_streams_a_reply(browser, engine):
         page.click("#send")
         page.wait_for_selector(".msg.assistant[data-finish]")
         assert [m["role"] for m in requests[2]["messages"]] == ["system", "user"]
+        page.close()
+
+
+def test_chat_page_works_at_localhost(browser, engine):
+    with BackgroundServer(engine) as url:
+        page = browser.new_page()
+        page.goto(url.replace("127.0.0.1", "localhost") + "/")
+        page.wait_for_function("document.getElementById('persona').value.length > 0")
+        page.fill("#max-tokens", "5")
+        page.fill("#input", "Hello there")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-finish]")
+        assert page.locator(".msg.error").count() == 0
+        page.close()
+
+
+def test_rebound_name_gets_nothing(browser, engine):
+    """DNS rebinding: rebind.test resolves to 127.0.0.1, but the server refuses its Host."""
+    with BackgroundServer(engine) as url:
+        page = browser.new_page()
+        response = page.goto(url.replace("127.0.0.1", "rebind.test") + "/")
+        assert response.status == 403
+        assert response.json()["error"]["code"] == "host_not_allowed"
+        page.close()
+
+
+def test_cross_site_post_does_not_generate(browser, engine):
+    """A page on another origin POSTs a text/plain body (no CORS preflight) to the server:
+    refused by its Origin, so nothing is generated. The same POST to a server started with
+    --allowed-hosts '*' (checks off) does generate, so the request did arrive."""
+    ask = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    post = """([target, body]) => fetch(target + "/v1/chat/completions", {method: "POST",
+        mode: "no-cors", headers: {"Content-Type": "text/plain"}, body}).then(() => true)"""
+    with BackgroundServer(engine) as other, BackgroundServer(engine) as target, \
+            BackgroundServer(engine, allowed_hosts="*") as open_target:
+        page = browser.new_page()
+        page.goto(other + "/")  # another origin: same address, another port
+        before = engine.stats()["submitted"]
+        assert page.evaluate(post, [target, ask])
+        assert engine.stats()["submitted"] == before
+        assert page.evaluate(post, [open_target, ask])
+        assert engine.stats()["submitted"] == before + 1
         page.close()

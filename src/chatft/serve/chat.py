@@ -13,11 +13,32 @@ import sys
 from typing import TextIO
 
 from chatft.errors import ChatftError
+from chatft.serve import limits
 from chatft.serve.batch import SamplingParams
 from chatft.serve.generate import ChatModel, stream_reply
 
 HELP = ("commands: /reset (new conversation), /system TEXT (new persona, new conversation), "
         "/system (show the persona), /exit")
+
+
+def check_options(max_new_tokens: int, temperature: float | None, top_p: float | None,
+                  top_k: int, repetition_penalty: float, seed: int | None,
+                  max_context: int | None = None) -> None:
+    """The command line's generation options, with the ranges the server applies to the
+    same fields (:mod:`chatft.serve.limits`); every problem is reported together.
+    ``max_context``: the loaded model's context, which bounds ``max_new_tokens``."""
+    checks = [("--max-new-tokens", max_new_tokens, limits.MAX_TOKENS),
+              ("--temperature", temperature, limits.TEMPERATURE),
+              ("--top-p", top_p, limits.TOP_P), ("--top-k", top_k, limits.TOP_K),
+              ("--repetition-penalty", repetition_penalty, limits.REPETITION_PENALTY),
+              ("--seed", seed, limits.SEED)]
+    problems = [f"{flag} {problem}" for flag, value, limit in checks
+                if value is not None and (problem := limit.problem(value))]
+    if max_context is not None and not problems and max_new_tokens > max_context:
+        problems.append(f"--max-new-tokens {max_new_tokens} is more than the model's whole "
+                        f"context ({max_context} tokens)")
+    if problems:
+        raise ChatftError("chat: " + "; ".join(problems))
 
 
 def _answer(cm: ChatModel, messages: list[dict], system: str | None, params: SamplingParams,

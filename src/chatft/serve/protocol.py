@@ -1,8 +1,11 @@
 """The OpenAI chat-completions wire format: request validation and response bodies.
 
-Kept apart from the HTTP layer so every rule is a plain function of the JSON body. A
-request that breaks a rule raises :class:`ApiError`, which the server turns into an HTTP
-4xx with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
+Kept apart from the HTTP layer so every rule is a plain function of the body:
+:func:`decode_body` (bytes -> JSON value, refusing what Python's ``json`` accepts but no field
+can use) then :func:`parse_request` (JSON value -> :class:`ChatRequest`, numeric ranges from
+:mod:`chatft.serve.limits`). A request that breaks a rule raises :class:`ApiError`, which the
+server turns into an HTTP 4xx with OpenAI's error body
+``{"error": {"message", "type", "param", "code"}}``, ``param`` naming the field.
 
 Supported: ``messages`` (system/developer, user, assistant; text content as a string or as
 a list of ``{"type": "text"}`` parts), ``temperature``, ``top_p``, ``max_tokens`` /
@@ -16,13 +19,20 @@ answers with its id.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from chatft.serve import limits
+from chatft.serve.limits import Limit
+
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
+_INTEGER = Limit(-math.inf, math.inf, integer=True)
 
 
 class ApiError(Exception):
@@ -62,34 +72,34 @@ class ChatRequest:
     repetition_penalty: float = 1.0
     """Not OpenAI's (vLLM and others take it): 1 = off."""
 
+    max_tokens_param: str = "max_tokens"
+    """Which field set ``max_tokens`` (``max_completion_tokens`` is the newer name): errors
+    about the answer's length name the field the client sent."""
 
-def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+
+def _checked(body: dict, key: str, limit: Limit, param: str | None = None):
+    """``body[key]`` if it is within ``limit`` (None if absent); else an ApiError naming it."""
     v = body.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ApiError(f"'{key}' must be a number, got {type(v).__name__}", param=key)
-    if v < lo or v > hi or (lo_open and v == lo):
-        raise ApiError(f"'{key}' must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v}",
-                       param=key)
-    return float(v)
-
-
-def _integer(body: dict, key: str) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(f"'{key}' must be an integer, got {type(v).__name__}", param=key)
+    problem = limit.problem(v)
+    if problem:
+        raise ApiError(f"'{param or key}' {problem}", param=param or key)
     return v
 
 
-def _bool(body: dict, key: str) -> bool:
+def _number(body: dict, key: str, limit: Limit) -> float | None:
+    v = _checked(body, key, limit)
+    return None if v is None else float(v)
+
+
+def _bool(body: dict, key: str, param: str | None = None) -> bool:
     v = body.get(key, False)
     if v is None:
         return False
     if not isinstance(v, bool):
-        raise ApiError(f"'{key}' must be a boolean, got {type(v).__name__}", param=key)
+        raise ApiError(f"'{param or key}' must be a boolean, got {type(v).__name__}",
+                       param=param or key)
     return v
 
 
@@ -145,12 +155,89 @@ def _messages(body: dict) -> list[dict]:
 
 _UNSUPPORTED_TRUTHY = {
     "tools": "tools / function calling", "functions": "function calling",
-    "logprobs": "logprobs", "logit_bias": "logit_bias",
+    "logprobs": "logprobs", "top_logprobs": "logprobs", "logit_bias": "logit_bias",
 }
 
 
 #: Non-OpenAI sampling knobs -> the values that mean "off".
 _SAMPLING_EXTENSIONS: dict[str, tuple] = {"min_p": (0, 0.0)}
+
+
+MAX_DEPTH = 32
+"""Deepest nesting of arrays and objects accepted in a body. A chat request needs 4 (body >
+messages > message > content parts > part); a deeper body is refused before anything walks
+it, so no later code can run out of stack on it."""
+
+MAX_INT_DIGITS = 40
+"""Longest integer literal decoded (a 64-bit seed has 20 digits). Python refuses to convert
+integers of over 4300 digits with a ValueError of its own; this bound keeps every such case
+on the same named error."""
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+class _Unusable:
+    """What the decoder yields for a literal no field can use: ``NaN``, ``Infinity``,
+    ``-Infinity`` (Python's ``json`` accepts them; RFC 8259 JSON has no such numbers) and
+    over-long integers. :func:`_check_values` finds it and names its field."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
+def _parse_constant(text: str) -> _Unusable:
+    return _Unusable(f"is {text}, which is not a JSON number (numbers must be finite)")
+
+
+def _parse_int(text: str) -> int | _Unusable:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        return _Unusable(f"is an integer of {digits} digits (at most {MAX_INT_DIGITS} are "
+                         "accepted)")
+    return int(text)
+
+
+def decode_body(raw: bytes) -> Any:
+    """The JSON value of a request body, refusing what Python's ``json`` lets through but no
+    field can use: NaN/Infinity literals, numbers that overflow to infinity (``1e999``),
+    integers of more than ``MAX_INT_DIGITS`` digits, nesting deeper than ``MAX_DEPTH`` and
+    strings holding unpaired surrogates (``"\\ud800"``: a valid JSON escape, but not text;
+    the tokenizer cannot encode it). The error names the field (``messages[0].content``).
+
+    Refusing NaN here, for the whole body, rather than only in the numeric fields, also
+    covers fields read for their truth value (NaN is truthy)."""
+    too_deep = f"the request body nests arrays/objects deeper than {MAX_DEPTH} levels"
+    try:
+        body = json.loads(raw, parse_constant=_parse_constant, parse_int=_parse_int)
+    except RecursionError:  # the C decoder's own depth guard (about 1000 levels)
+        raise ApiError(too_deep) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (bytes not UTF-8/16/32)
+        raise ApiError(f"the request body is not valid JSON: {e}") from None
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]  # (value, field path, depth)
+    while stack:  # no recursion: the depth bound is what this walk enforces
+        v, path, depth = stack.pop()
+        name = f"'{path}'" if path else "the request body"
+        if isinstance(v, (dict, list)):
+            if depth >= MAX_DEPTH:
+                top = path.split(".")[0].split("[")[0]  # the body's field it is in
+                raise ApiError(f"{too_deep} (in '{top}')" if top else too_deep,
+                               param=top or None)
+            if isinstance(v, dict):
+                children = [(x, f"{path}.{k}" if path else str(k)) for k, x in v.items()]
+            else:
+                children = [(x, f"{path}[{i}]") for i, x in enumerate(v)]
+            # Reversed onto the stack: fields are checked, and the first bad one named, in
+            # document order.
+            stack.extend((x, p, depth + 1) for x, p in reversed(children))
+        elif isinstance(v, _Unusable):
+            raise ApiError(f"{name} {v.problem}", param=path or None)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ApiError(f"{name} is beyond the range of a float (numbers must be finite)",
+                           param=path or None)
+        elif isinstance(v, str) and not v.isascii() and _SURROGATE.search(v):
+            raise ApiError(f"{name} holds an unpaired UTF-16 surrogate escape (\\ud800-"
+                           "\\udfff), which is not text", param=path or None)
+    return body
 
 
 def parse_request(body: Any) -> ChatRequest:
@@ -161,7 +248,7 @@ def parse_request(body: Any) -> ChatRequest:
         if body.get(key):
             raise ApiError(f"{what} is not supported by this server", param=key)
     for key in ("frequency_penalty", "presence_penalty"):
-        if _number(body, key, -2.0, 2.0):
+        if _number(body, key, limits.PENALTY):
             raise ApiError(f"'{key}' is not supported (only 0)", param=key)
     # Sampling extensions other servers accept and this one does not: refused unless
     # neutral, never ignored.
@@ -178,15 +265,14 @@ def parse_request(body: Any) -> ChatRequest:
     if model is not None and not isinstance(model, str):
         raise ApiError(f"'model' must be a string, got {type(model).__name__}", param="model")
     messages = _messages(body)
-    n = _integer(body, "n")
+    n = _checked(body, "n", _INTEGER)
     if n is not None and n != 1:
         raise ApiError(f"'n' must be 1 (one answer per request), got {n}", param="n")
-    max_tokens = _integer(body, "max_completion_tokens")
-    key = "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens, key = _integer(body, "max_tokens"), "max_tokens"
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(f"'{key}' must be >= 1, got {max_tokens}", param=key)
+    # Both spellings are checked; the newer one wins when both are given.
+    max_tokens, key = _checked(body, "max_tokens", limits.MAX_TOKENS), "max_tokens"
+    newer = _checked(body, "max_completion_tokens", limits.MAX_TOKENS)
+    if newer is not None:
+        max_tokens, key = newer, "max_completion_tokens"
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -205,24 +291,17 @@ def parse_request(body: Any) -> ChatRequest:
     if opts is not None and not isinstance(opts, dict):
         raise ApiError("'stream_options' must be an object", param="stream_options")
     stream = _bool(body, "stream")
-    include_usage = bool(opts and opts.get("include_usage"))
+    include_usage = _bool(opts or {}, "include_usage", "stream_options.include_usage")
     if include_usage and not stream:
         raise ApiError("'stream_options' is only allowed with stream: true", param="stream_options")
     return ChatRequest(
         messages=messages, stream=stream, include_usage=include_usage,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, lo_open=True),
-        max_tokens=max_tokens, stop=stops, seed=_integer(body, "seed"),
-        ignore_eos=_bool(body, "ignore_eos"), top_k=_top_k(body),
-        repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0)
-
-
-def _top_k(body: dict) -> int:
-    k = _integer(body, "top_k")
-    if k is not None and k < -1:
-        raise ApiError(f"'top_k' must be -1 or 0 (no limit) or a positive count, got {k}",
-                       param="top_k")
-    return max(k or 0, 0)
+        temperature=_number(body, "temperature", limits.TEMPERATURE),
+        top_p=_number(body, "top_p", limits.TOP_P),
+        max_tokens=max_tokens, max_tokens_param=key, stop=stops,
+        seed=_checked(body, "seed", limits.SEED), ignore_eos=_bool(body, "ignore_eos"),
+        top_k=max(_checked(body, "top_k", limits.TOP_K) or 0, 0),
+        repetition_penalty=_number(body, "repetition_penalty", limits.REPETITION_PENALTY) or 1.0)
 
 
 def completion_id() -> str:

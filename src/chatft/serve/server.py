@@ -23,16 +23,24 @@ in practice a seeded request returns the same text alone or under load, but bit-
 reproducibility is only promised for the same batch composition.
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``) for every
-4xx/5xx, including 404/405 and bodies over ``MAX_BODY`` (413).
+4xx/5xx, including 404/405 and bodies over ``MAX_BODY`` (413). A malformed request gets a 4xx
+naming the field; an exception no rule foresaw becomes a JSON 500 that says nothing of the
+internals, and its traceback is logged once. Requests that are not HTTP at all (bad request
+lines or headers) are answered by aiohttp's parser with a plain-text 400; they are logged as
+one line, without a traceback.
+
+Without an API key, only requests addressed to this machine are answered (``Host``), and
+POSTs only from the server's own page (``Origin``): see :mod:`chatft.serve.hosts`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
-import ipaddress
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -40,12 +48,14 @@ import time
 from importlib import resources
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from chatft.serve.batch import Event, SamplingParams
 from chatft.serve.engine import Engine
 from chatft.serve.generate import ChatModel
+from chatft.serve.hosts import HostPolicy, is_loopback, split_host
 from chatft.serve.protocol import (ApiError, ChatRequest, chunk_body, completion_body,
-                                   completion_id, error_body, parse_request, usage)
+                                   completion_id, decode_body, error_body, parse_request, usage)
 
 log = logging.getLogger("chatft.serve")
 
@@ -57,6 +67,37 @@ DEFAULT_MAX_TOKENS = 1024
 
 ENGINE = web.AppKey("engine", Engine)
 SETTINGS = web.AppKey("settings", dict)
+HOSTS = web.AppKey("hosts", HostPolicy)
+
+INTERNAL_ERROR = "internal server error (the server log has the details)"
+
+
+def _client_fault(exc: BaseException | None) -> str | None:
+    """One line saying what was wrong, if ``exc`` is aiohttp refusing what a client sent: a
+    bad request line or header, or a body it cannot decode (bad chunked framing, bad gzip).
+    aiohttp's own text reads "400, message:\n  <what>" over several lines."""
+    if not isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
+        return None
+    what = " ".join(str(getattr(exc, "message", None) or exc).split())
+    return re.sub(r"^\d{3}, message: ?", "", what)
+
+
+class _OneLine(logging.Filter):
+    """aiohttp logs a client's fault with a traceback: a request its parser refuses
+    (answered with a plain-text 400), or, after the handler answered, an undecodable body
+    it drains. Keep one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        what = _client_fault(record.exc_info[1] if record.exc_info else None)
+        if what is not None:
+            record.msg = f"{record.getMessage()}: {what}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_http_log = logging.getLogger("chatft.serve.http")
+_http_log.addFilter(_OneLine())
 
 
 def _json_error(status: int, message: str, type: str, param: str | None = None,
@@ -82,6 +123,40 @@ async def _errors(request: web.Request, handler):
         return _json_error(e.status, message, kind,
                            code={404: "not_found", 405: "method_not_allowed",
                                  413: "request_too_large"}.get(e.status))
+    except (HttpProcessingError, web.RequestPayloadError) as e:
+        return _json_error(400, f"the request body cannot be read: {_client_fault(e)}",
+                           "invalid_request_error")
+    except ConnectionError:  # the client left while we read: nobody to answer
+        log.debug("client %s left during %s %s", request.remote, request.method, request.path)
+        return _json_error(400, "connection closed", "invalid_request_error")
+    except Exception:
+        # A bug, not the client's fault: the client gets no internals, the log gets the
+        # traceback (once: aiohttp never sees this exception). _stream does the same once
+        # its headers are sent.
+        _log_internal_error(request)
+        return _json_error(500, INTERNAL_ERROR, "server_error", code="internal_error")
+
+
+def _log_internal_error(request: web.Request) -> None:
+    log.exception("internal error answering %s %s", request.method, request.path)
+
+
+@web.middleware
+async def _hosts(request: web.Request, handler):
+    """Without an API key: answer only this machine's names, and POSTs only from this
+    server's own page (see chatft.serve.hosts for the attacks this closes)."""
+    policy = request.app[HOSTS]
+    if not request.app[SETTINGS]["api_key"]:
+        host = request.headers.get("Host")
+        if not policy.host_allowed(host):
+            return _json_error(403, policy.refusal("Host", host or ""), "invalid_request_error",
+                               code="host_not_allowed")
+        origin = request.headers.get("Origin")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and \
+                not policy.origin_allowed(origin, host):
+            return _json_error(403, policy.refusal("Origin", origin or ""),
+                               "invalid_request_error", code="origin_not_allowed")
+    return await handler(request)
 
 
 @web.middleware
@@ -133,11 +208,7 @@ async def _model(request: web.Request) -> web.Response:
 
 async def _read_request(request: web.Request) -> ChatRequest:
     raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(f"the request body is not valid JSON: {e}") from None
-    return parse_request(body)
+    return parse_request(decode_body(raw))
 
 
 def _sampling(engine: Engine, req: ChatRequest, prompt_len: int) -> SamplingParams:
@@ -148,9 +219,9 @@ def _sampling(engine: Engine, req: ChatRequest, prompt_len: int) -> SamplingPara
                        f"{cm.max_context}, leaving no room for an answer", param="messages",
                        code="context_length_exceeded")
     if req.max_tokens is not None and req.max_tokens > room:
-        raise ApiError(f"max_tokens is {req.max_tokens}, but the model's context is "
+        raise ApiError(f"{req.max_tokens_param} is {req.max_tokens}, but the model's context is "
                        f"{cm.max_context} tokens and the messages take {prompt_len}: at most "
-                       f"{room} tokens are left for the answer", param="max_tokens",
+                       f"{room} tokens are left for the answer", param=req.max_tokens_param,
                        code="context_length_exceeded")
     max_new = req.max_tokens if req.max_tokens is not None else min(room, DEFAULT_MAX_TOKENS)
     return cm.sampling(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_new,
@@ -197,11 +268,26 @@ async def _stream(request: web.Request, req: ChatRequest, model: str,
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await resp.prepare(request)
+    # From here on a failure can no longer be a JSON error response: it ends the stream.
+    try:
+        await _relay(resp, req, model, events)
+    except ConnectionError:  # the client left; the caller's finally frees its row
+        log.debug("client %s left during a stream", request.remote)
+    except Exception:
+        _log_internal_error(request)
+        with contextlib.suppress(ConnectionError):
+            await _event(resp, error_body(INTERNAL_ERROR, "server_error", code="internal_error"))
+            await _event(resp, "[DONE]")
+    return resp
+
+
+async def _relay(resp: web.StreamResponse, req: ChatRequest, model: str,
+                 events: asyncio.Queue[Event]) -> None:
+    """The answer's events as chat.completion.chunk events, then ``[DONE]``."""
     cid, created = completion_id(), int(time.time())
 
     async def send(body: dict | str) -> None:
-        data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
-        await resp.write(f"data: {data}\n\n".encode())
+        await _event(resp, body)
 
     await send(chunk_body(cid, created, model, {"role": "assistant", "content": ""}))
     while True:
@@ -224,14 +310,21 @@ async def _stream(request: web.Request, req: ChatRequest, model: str,
                 ev.prompt_tokens, ev.completion_tokens), empty_choices=True))
     await send("[DONE]")
     await resp.write_eof()
-    return resp
 
 
-def build_app(engine: Engine, api_key: str | None = None, max_waiting: int = 1024
-              ) -> web.Application:
-    """The aiohttp application around a started :class:`Engine`."""
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY)
+async def _event(resp: web.StreamResponse, body: dict | str) -> None:
+    """One server-sent event: ``data: <json>`` (or ``data: [DONE]``) and a blank line."""
+    data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+    await resp.write(f"data: {data}\n\n".encode())
+
+
+def build_app(engine: Engine, api_key: str | None = None, max_waiting: int = 1024,
+              hosts: HostPolicy | None = None) -> web.Application:
+    """The aiohttp application around a started :class:`Engine`. ``hosts``: the names
+    answered without an API key (default: loopback only)."""
+    app = web.Application(middlewares=[_errors, _hosts, _auth], client_max_size=MAX_BODY)
     app[ENGINE] = engine
+    app[HOSTS] = hosts or HostPolicy()
     app[SETTINGS] = {"api_key": api_key, "max_waiting": max_waiting, "started": int(time.time())}
     app.router.add_get("/", _index)
     app.router.add_get("/config", _config)
@@ -245,32 +338,30 @@ def build_app(engine: Engine, api_key: str | None = None, max_waiting: int = 102
 async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     # handler_cancellation: a client that disconnects cancels its handler, whose finally
     # cancels the generation.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, logger=_http_log)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     return runner, runner.addresses[0][1]
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(cm: ChatModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch_size: int = 32) -> None:
-    """Run the server until SIGINT/SIGTERM (blocking); prints the URL once listening."""
-    if not _is_loopback(host) and not api_key:
+          max_batch_size: int = 32, allowed_hosts: str | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM (blocking); prints the URL once listening.
+    ``allowed_hosts``: ``--allowed-hosts``, names answered without an API key besides
+    loopback and ``host`` (comma-separated; ``*``: any)."""
+    hosts = HostPolicy.parse(host, allowed_hosts)
+    if not is_loopback(split_host(host)[0]) and not api_key:
+        named = "" if hosts.open else (
+            " Requests are answered only when addressed to "
+            f"{', '.join(('localhost', host) + hosts.allowed)}; --allowed-hosts adds this "
+            "machine's other names and addresses.")
         print(f"chatft: warning: serving on {host} without --api-key: anyone who can reach this "
-              "machine can use the model", file=sys.stderr)
+              f"machine can use the model.{named}", file=sys.stderr)
     engine = Engine(cm, max_batch_size=max_batch_size).start()
 
     async def main() -> None:
-        runner, bound = await _start(build_app(engine, api_key), host, port)
+        runner, bound = await _start(build_app(engine, api_key, hosts=hosts), host, port)
         shown = f"[{host}]" if ":" in host else host
         print(f"chatft: serving {cm.name} on http://{shown}:{bound} (web chat at /, OpenAI API "
               f"at /v1)", flush=True)
@@ -297,8 +388,9 @@ class BackgroundServer:
     """
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str | None = None):
+                 api_key: str | None = None, allowed_hosts: str | None = None):
         self.engine, self.host, self.port, self.api_key = engine, host, port, api_key
+        self.hosts = HostPolicy.parse(host, allowed_hosts)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="chatft-http",
                                         daemon=True)
@@ -308,7 +400,8 @@ class BackgroundServer:
     def start(self) -> str:
         self._thread.start()
         fut = asyncio.run_coroutine_threadsafe(
-            _start(build_app(self.engine, self.api_key), self.host, self.port), self._loop)
+            _start(build_app(self.engine, self.api_key, hosts=self.hosts), self.host, self.port),
+            self._loop)
         self._runner, bound = fut.result()
         self.url = f"http://{self.host}:{bound}"
         return self.url
