@@ -248,8 +248,8 @@ class Schedule:
                   (save == "steps" and self.save_steps < 1, "save_strategy steps needs save_steps >= 1"),
                   (t.metric_for_best_model != "eval_loss", "train.metric_for_best_model "
                    f"{t.metric_for_best_model!r}: chatft computes only eval_loss"),
-                  (best and (ev == "no" or save != ev), "train.load_best_model_at_end needs "
-                   f"save_strategy ({save}) equal to eval_strategy ({ev}), not no"),
+                  (best and (ev == "no" or save != ev), "train.load_best_model_at_end needs an "
+                   f"eval_strategy and the same save_strategy (got {ev} and {save})"),
                   (best and ev == save == "steps" and self.save_steps % max(1, self.eval_steps),
                    "train.load_best_model_at_end needs save_steps a multiple of eval_steps"),
                   (t.early_stopping_patience > 0 and ev == "no", "early_stopping_patience needs evaluation")]
