@@ -89,7 +89,10 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _add_model_options(a: argparse.ArgumentParser) -> None:
-    a.add_argument("model_dir", help="exported model folder (chatft export, or any HF chat model)")
+    a.add_argument("model_dir", metavar="MODEL",
+                   help="exported model folder, or anything `chatft train --model` takes: a "
+                        "Hugging Face folder, a .gguf file, a Qwen-1 folder, "
+                        "smollm2-135m-instruct")
     a.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
@@ -207,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype of the written folder (default: bf16)")
     c.set_defaults(func=cmd_convert)
 
-    ch = sub.add_parser("chat", help="chat with a model folder in the terminal",
+    ch = sub.add_parser("chat", help="chat with a model in the terminal",
                         description="Interactive chat (commands /reset, /system TEXT, /exit) "
                                     "or one answer with --prompt. Prompts are formatted as "
                                     "training did (chat template, persona from chatft.json).")
@@ -226,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, help="seed for sampling")
     ch.set_defaults(func=cmd_chat)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a model folder",
+    sv = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a model",
                         description="Serve POST /v1/chat/completions (streaming or not), "
                                     "GET /v1/models, GET /health, and a chat page at /.")
     _add_model_options(sv)
