@@ -142,6 +142,19 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from chatft.job.evaluate import evaluate_models
+    from chatft.job.report import write_report
+
+    cfg = load_config(args.config, rest)
+    report = evaluate_models(args.models, cfg.model, cfg.data, cfg.train, args.ask or [],
+                             max_new_tokens=args.max_new_tokens)
+    print(f"chatft: wrote {write_report(report, Path(args.out))}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chatft", description="Full fine-tuning of chat models on your dialogues.",
@@ -198,6 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype "
                                                                      "(default: the run's export_dtype)")
     e.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="held-out loss and answers of models, side by side",
+                        usage="chatft eval MODEL [MODEL ...] --data FILE [--eval_ratio R | "
+                              "--eval_file F] [--system S] [--ask QUESTION ...] [--out "
+                              "report.md] [--key value ...]",
+                        description="For each MODEL (anything `chatft train --model` takes, or "
+                                    "an export): the held-out loss exactly as training computes "
+                                    "it (same split, template, labels, mean NLL per trained "
+                                    "token) and greedy answers to the questions; written as a "
+                                    "Markdown report with a loss-curves PNG and a JSON file "
+                                    "beside it. Config options (--per_device_train_batch_size, "
+                                    "--precision, --max_length, ...) apply as in training.")
+    ev.add_argument("models", nargs="+", metavar="MODEL")
+    ev.add_argument("--ask", action="append", metavar="QUESTION",
+                    help="a question to answer (repeatable; default: the built-in data's)")
+    ev.add_argument("--out", default="eval_report.md", help="report file (default eval_report.md)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit")
+    ev.add_argument("--config", help="YAML config file")
+    ev.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("convert", help="convert a Qwen-1 folder to a plain Qwen2 folder",
                        description="Write a Hugging Face Qwen2 folder (config, safetensors "

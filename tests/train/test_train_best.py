@@ -124,3 +124,29 @@ def test_resume_keeps_the_best_so_far(runs, tmp_path, tiny_qwen2_dir, apple_data
     assert "export: step 8 (epoch 2): lowest eval_loss" in proc.stderr
     assert_exported(out, 8)
 
+
+def test_chatft_eval_reports_base_and_tuned_side_by_side(runs, tmp_path, tiny_qwen2_dir, apple_data):
+    """``chatft eval BASE TUNED``: the tuned export's held-out loss is the run's lowest
+    evaluation (training's definition), the base model's is the run's step-0 value, and the
+    report holds both, the run's evaluations with the exported one marked, and the answers."""
+    out, _ = runs["plain"]
+    report = tmp_path / "report.md"
+    proc = run_chatft("eval", tiny_qwen2_dir, out / "final", "--data", apple_data[0],
+                      "--eval_file", apple_data[1], "--ask", "Who are you?", "--ask", "你是谁？",
+                      "--max-new-tokens", "6", "--precision", "fp32", "--out", report)
+    losses = evals(out)
+    facts = json.loads(report.with_suffix(".json").read_text())
+    base, tuned = facts["models"]
+    assert tuned["eval_loss"] == pytest.approx(losses[8], abs=1e-5)
+    assert base["eval_loss"] == pytest.approx(losses[0], abs=1e-5)
+    assert (base["kind"], tuned["kind"]) == ("Hugging Face folder", "chatft export")
+    assert tuned["answers"]["Who are you?"].startswith("apple banana")  # it learned its answer
+    text = report.read_text()
+    assert f"| `{out / 'final'}` | chatft export | {losses[8]:.4f} | 8 | " in text
+    assert "| not a chatft run |" in text
+    assert f"| 8 | 2 | {losses[8]:.4f} | exported |" in text
+    assert f"| 0 | 0 | {losses[0]:.4f} | before training |" in text
+    assert text.count("### 你是谁？") == 1 and "> apple banana" in text
+    assert "![loss curves](report_curves.png)" in text
+    assert (tmp_path / "report_curves.png").stat().st_size > 1000
+    assert f"{out / 'final'}: held-out loss {losses[8]:.4f}" in proc.stderr
