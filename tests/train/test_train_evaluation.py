@@ -37,6 +37,8 @@ def test_the_best_is_the_lowest_checkpointed_evaluation_never_the_baseline():
     assert h.best.step == 10
     h, _ = run([9.5, 9.9])  # worse than the base model: still a trained checkpoint
     assert h.best.step == 10 and h.baseline.eval_loss == 9.0
+    h, stop = run([float("nan"), 4.2, float("nan")], patience=2)  # a diverged evaluation
+    assert h.best.step == 20 and stop is None and h.bad_evaluations == 1
 
 
 def test_early_stopping_counts_evaluations_without_improvement_in_a_row():

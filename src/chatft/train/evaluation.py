@@ -14,6 +14,7 @@ a resumed run continues with the best-so-far and the patience count it had.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,8 +52,8 @@ class History:
     def add(self, step: int, epoch: float, eval_loss: float, checkpoint: bool) -> None:
         """Record an evaluation (in step order); updates the patience count."""
         if step > 0:
-            previous = [e.eval_loss for e in self.trained]
-            if not previous or eval_loss < min(previous) - self.threshold:
+            previous = [e.eval_loss for e in self.trained if math.isfinite(e.eval_loss)]
+            if math.isfinite(eval_loss) and (not previous or eval_loss < min(previous) - self.threshold):
                 self.bad_evaluations = 0
             else:
                 self.bad_evaluations += 1
@@ -69,8 +70,9 @@ class History:
 
     @property
     def best(self) -> Evaluation | None:
-        """The checkpointed evaluation with the lowest eval_loss (the earliest of equals)."""
-        candidates = [e for e in self.trained if e.checkpoint]
+        """The checkpointed evaluation with the lowest eval_loss (the earliest of equals; a
+        non-finite loss is never the best)."""
+        candidates = [e for e in self.trained if e.checkpoint and math.isfinite(e.eval_loss)]
         return min(candidates, key=lambda e: e.eval_loss) if candidates else None
 
     @property
