@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatft.export.gguf_vocab import GGUFExportError, GGUFVocab, add_vocab, vocab_from_tokenizer
+from chatft.export.gguf_vocab import (GGUFExportError, GGUFVocab, add_vocab, require_byte_level_bpe,
+                                      vocab_from_tokenizer)
 from chatft.export.metadata import ChatMeta, read_meta
 
 QUANTS = ("f16", "bf16", "q8_0")
@@ -100,8 +101,8 @@ def _rope(config) -> tuple[float, str]:
     return float(theta if theta is not None else 10000.0), kind
 
 
-def _check_config(config, folder: Path) -> list[str]:
-    """Refuse what the GGUF cannot express; return notes on what it drops."""
+def _check_config(config, folder: Path) -> None:
+    """Refuse what the GGUF (or llama.cpp's graph for the architecture) cannot express."""
     arch = getattr(config, "model_type", None)
     where = f"{folder}/config.json"
     if arch not in ARCHS:
@@ -119,7 +120,6 @@ def _check_config(config, folder: Path) -> list[str]:
     if getattr(config, "use_sliding_window", False):
         raise GGUFExportError(f"{where}: use_sliding_window true: llama.cpp's qwen2 graph has "
                               "no sliding window")
-    return []
 
 
 def _hidden(config) -> tuple[int, int, int]:
@@ -182,17 +182,18 @@ def plan(folder: str | Path, quant: str = "f16") -> GGUFPlan:
     if not (folder / "config.json").is_file():
         raise GGUFExportError(f"{folder}: no config.json; not a model folder")
     config = AutoConfig.from_pretrained(folder)
-    notes = _check_config(config, folder)
+    _check_config(config, folder)
     tensors, tensor_notes = _tensor_plans(folder, config, config.model_type, quant)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    require_byte_level_bpe(tokenizer, str(folder))
     meta = read_meta(folder)
     fmt = chat_format(tokenizer)
     msgs = ([{"role": "system", "content": meta.system_prompt}] if meta and meta.system_prompt
             else []) + PROBE
     vocab = vocab_from_tokenizer(tokenizer, config.vocab_size, fmt.eot_id,
-                                 extra_texts=[fmt.text(msgs)])
+                                 extra_texts=[fmt.text(msgs)], where=str(folder))
     return GGUFPlan(folder, config.model_type, config, vocab, tensors, meta, quant,
-                    notes + tensor_notes + vocab.notes)
+                    tensor_notes + vocab.notes)
 
 
 def _encode(tensor: torch.Tensor, t: TensorPlan) -> np.ndarray:
@@ -280,6 +281,22 @@ def write_gguf(p: GGUFPlan, path: Path, name: str) -> None:
         writer.close()
 
 
+class _QuietProgress:
+    """Turns transformers' progress bars off for a block (and back on if they were)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        if self.was:
+            hf_logging.enable_progress_bar()
+
+
 def _probe_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits.float()[0]  # [T, vocab]
@@ -295,6 +312,7 @@ def check_gguf(folder: Path, path: Path, quant: str, system: str | None) -> dict
 
     tok = AutoTokenizer.from_pretrained(folder)
     tok_gguf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    quiet = _QuietProgress()  # transformers' per-tensor progress bars, twice per check
     ids = probe_ids(tok, system)  # [1, T]
     if not torch.equal(probe_ids(tok_gguf, system), ids):
         raise GGUFExportError(f"GGUF check: the file's tokenizer or chat template renders the "
@@ -304,9 +322,10 @@ def check_gguf(folder: Path, path: Path, quant: str, system: str | None) -> dict
                 tok(text, add_special_tokens=False)["input_ids"]:
             raise GGUFExportError(f"GGUF check: the file's tokenizer encodes {text[:40]!r} "
                                   f"differently from {folder}")
-    ref = _probe_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), ids)
-    got = _probe_logits(AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).eval(), ids)
+    with quiet:
+        ref = _probe_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), ids)
+        got = _probe_logits(AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32).eval(), ids)
     rel = float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6))
     top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
     report = {"max_rel_diff": rel, "top1_agreement": top1, "probe_tokens": int(ids.shape[1])}
@@ -377,6 +396,9 @@ def resolve_source(source: str | Path, dtype: str | None) -> Path:
     from chatft.train import checkpoint as ckpt
 
     folder = Path(source)
+    if not folder.is_dir():
+        raise GGUFExportError(f"{source}: no such folder (expected an exported model folder "
+                              "such as runs/x/final, a checkpoint folder or a run's output_dir)")
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder
     if not ckpt.is_checkpoint(folder) and ckpt.latest_checkpoint(folder) is None and \

@@ -190,17 +190,24 @@ def _special_flags(tokenizer) -> tuple[bool, bool]:
     return add_bos, add_eos
 
 
+def require_byte_level_bpe(tokenizer, where: str) -> dict:
+    """The tokenizer's ``tokenizer.json`` content; GGUFExportError unless byte-level BPE (the
+    "gpt2" model of llama.cpp, which Qwen2 and SmolLM2 use)."""
+    spec = _spec(tokenizer)
+    kind = (spec.get("model") or {}).get("type", "unknown")
+    if kind != "BPE" or not _is_byte_level(spec):
+        detail = " (not byte-level)" if kind == "BPE" else ""
+        raise GGUFExportError(f"{where}: tokenizer type {kind!r}{detail}: GGUF export supports "
+                              "byte-level BPE tokenizers (Qwen2, SmolLM2) only")
+    return spec
+
+
 def vocab_from_tokenizer(tokenizer, vocab_size: int, eot_id: int,
-                         extra_texts: Sequence[str] = ()) -> GGUFVocab:
+                         extra_texts: Sequence[str] = (), where: str = "model folder") -> GGUFVocab:
     """The GGUF tokenizer fields of ``tokenizer`` for a model with ``vocab_size`` embeddings;
     ``extra_texts`` (e.g. a rendered conversation with the persona) join the probe texts."""
-    spec = _spec(tokenizer)
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not _is_byte_level(spec):
-        kind = model.get("type", "unknown")
-        raise GGUFExportError(f"tokenizer type {kind!r}{'' if kind != 'BPE' else ' (not byte-level)'}"
-                              ": GGUF export supports byte-level BPE tokenizers (Qwen2, SmolLM2) "
-                              "only")
+    spec = require_byte_level_bpe(tokenizer, where)
+    model = spec["model"]
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or not template:
         raise GGUFExportError("the tokenizer has no (single) chat template to put in the GGUF")

@@ -291,6 +291,10 @@ def train(cfg: Config) -> TrainResult:
                 answers[question] = reply(chat_model, [{"role": "user", "content": question}],
                                           SamplingParams(max_new_tokens=128)).text
                 print(f"\n{question}\n> {answers[question]}", flush=True)
+        if rank == 0 and t.export_format != "hf":  # GGUF of the folder (export_format gguf|both)
+            from chatft.export.gguf import export_after_training
+
+            export_after_training(export_dir, t.export_format, t.gguf_quant)
     engine.barrier()
     return TrainResult(total_steps, step_loss, eval_before, eval_after, export_dir, answers)
 
