@@ -227,3 +227,10 @@ def test_engine_choice():
     assert load_config(None, ["--zero_stage", "1"]).uses_deepspeed
     assert load_config(None, ["--backend", "deepspeed"]).uses_deepspeed
     assert load_config(None, ["--nproc", "2", "--num_nodes", "2", "--hostfile", "h"]).world_size == 4
+
+
+def test_gguf_export_needs_the_export():
+    assert problems_of(None, ["--export_format", "gguf", "--export", "false"]) == [
+        "train.export_format gguf needs train.export true"]
+    cfg = load_config(None, ["--export_format", "both", "--gguf_quant", "q8_0"])
+    assert (cfg.train.export_format, cfg.train.gguf_quant) == ("both", "q8_0")

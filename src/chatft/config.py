@@ -186,6 +186,14 @@ class TrainArgs:
     export_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Weight dtype of the exported model."""
 
+    export_format: Literal["hf", "gguf", "both"] = "hf"
+    """What the export at the end keeps: hf (the Hugging Face folder output_dir/final), gguf
+    (output_dir/final-QUANT.gguf for llama.cpp/Ollama with its Modelfile; the folder is
+    written, checked and answers the questions first, then removed) or both."""
+
+    gguf_quant: Literal["f16", "bf16", "q8_0"] = "f16"
+    """Weight format of the GGUF export (norms stay f32)."""
+
     ask: Optional[str] = None
     """After export, ask the model this and print its answer (built-in datasets bring their
     own questions)."""
@@ -319,6 +327,8 @@ class Config:
                      f"data.max_length ({d.max_length}) so every sample fits a micro-batch")
         if t.resume not in (None, "auto") and not Path(t.resume).is_dir():
             p.append(f"train.resume: not 'auto' and not a checkpoint folder: {t.resume}")
+        if t.export_format != "hf" and not t.export:
+            p.append(f"train.export_format {t.export_format} needs train.export true")
         if t.micro_batch_tokens and not d.packing:
             p.append("train.micro_batch_tokens needs data.packing true")
         return p
