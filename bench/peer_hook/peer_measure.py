@@ -1,0 +1,245 @@
+"""Measurement inside a peer tool's training process (LLaMA-Factory, ms-swift).
+
+Both tools train with Hugging Face ``Trainer``. ``sitecustomize.py`` beside this file runs at
+interpreter start (this folder is on ``PYTHONPATH`` for peer runs only) and calls
+:func:`install`, which waits for ``transformers.trainer`` to be imported and then appends
+:class:`Recorder` to its ``DEFAULT_CALLBACKS``: every ``Trainer`` the tool builds gets it,
+whatever the tool's own callback list. Nothing of the tool is changed.
+
+Per optimizer step the recorder writes (``PEER_MEASURE_OUT``, a JSON file rewritten after each
+step, so a crash keeps the steps done):
+
+* wall time between consecutive step ends (the first from ``on_train_begin``), with the CUDA
+  queue drained before each reading;
+* tokens the model saw, counted by a forward pre-hook from the model's inputs the same way for
+  every tool: ``nonpad`` = tokens of ``input_ids`` that are not the pad id (packed rows and
+  padded batches alike), ``all`` = every position, ``trained`` = labels that are not -100;
+* the length of every sample in the step: a packed row's segments start where
+  ``position_ids`` is 0 (padding left out); without position ids, one sample per row;
+* ``torch.cuda.max_memory_allocated/reserved``;
+* the tool's own token count, Hugging Face Trainer's ``num_input_tokens_seen`` (the recorder
+  turns on its ``non_padding`` mode);
+* every ``on_log`` record (losses, the tool's own eval loss, learning rate).
+
+``PEER_MEASURE_STOP_AFTER=K`` ends the process right after step K's record is written
+(``os._exit(0)``): the tools save the whole model when training ends, ~15 GB for a 7B model,
+which a speed row must not wait for. Only torch, transformers and the standard library are
+imported here: a peer's process has its own packages.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import sys
+import time
+
+IGNORE_INDEX = -100
+_TARGET = "transformers.trainer"
+
+
+def segment_lengths(input_ids, position_ids, pad_id: int) -> list[int]:
+    """Lengths of the samples in one batch. ``input_ids``: ``[B, T]``; ``position_ids``:
+    ``[B, T]`` or None. Padding (``pad_id``) is dropped first; in what remains a sample starts
+    wherever the position id is 0 (packed rows), or each row is one sample (no position ids).
+
+    >>> import torch
+    >>> segment_lengths(torch.tensor([[5, 6, 7, 8, 9, 0]]), torch.tensor([[0, 1, 0, 1, 2, 0]]), 0)
+    [2, 3]
+    >>> segment_lengths(torch.tensor([[5, 6, 0], [7, 0, 0]]), None, 0)
+    [2, 1]
+    """
+    import torch
+
+    keep = input_ids != pad_id  # [B, T]
+    if position_ids is None or position_ids.shape != input_ids.shape:
+        return [int(n) for n in keep.sum(dim=1).tolist() if n > 0]
+    lengths: list[int] = []
+    for row_keep, row_pos in zip(keep, position_ids):
+        pos = row_pos[row_keep]  # [n] positions of the real tokens
+        if pos.numel() == 0:
+            continue
+        starts = torch.nonzero(pos == 0).flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0] + starts  # a row that continues a sample from the previous row
+        bounds = starts + [pos.numel()]
+        lengths += [bounds[i + 1] - bounds[i] for i in range(len(starts))]
+    return lengths
+
+
+class _Counter:
+    """Forward pre-hook state: what the model was fed since the last optimizer step."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.pending: list[tuple] = []  # (input_ids, position_ids, labels) of training forwards
+
+    def hook(self, module, args, kwargs) -> None:
+        if not module.training:
+            return  # evaluation forwards are not training tokens
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return
+        pos = kwargs.get("position_ids")
+        labels = kwargs.get("labels")
+        # Detached references only; read after the step's synchronize (no extra sync here).
+        self.pending.append((input_ids.detach(), None if pos is None else pos.detach(),
+                             None if labels is None else labels.detach()))
+
+    def drain(self) -> dict:
+        nonpad = total = trained = 0
+        lengths: list[int] = []
+        for ids, pos, labels in self.pending:
+            ids2 = ids.reshape(-1, ids.shape[-1])
+            pos2 = None
+            if pos is not None and pos.dim() >= 2 and pos.shape[-1] == ids.shape[-1]:
+                pos2 = pos.reshape(-1, pos.shape[-1]) if pos.dim() == 2 else None
+            nonpad += int((ids2 != self.pad_id).sum())
+            total += ids2.numel()
+            if labels is not None:
+                trained += int((labels != IGNORE_INDEX).sum())
+            lengths += segment_lengths(ids2, pos2, self.pad_id)
+        self.pending.clear()
+        return {"nonpad": nonpad, "all": total, "trained": trained, "lengths": lengths}
+
+
+def _write(path: str, record: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def make_recorder_class():
+    """The ``TrainerCallback`` subclass (built after transformers is imported)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.out = os.environ.get("PEER_MEASURE_OUT")
+            self.stop_after = int(os.environ.get("PEER_MEASURE_STOP_AFTER", "0") or 0)
+            self.counter = _Counter(int(os.environ.get("PEER_PAD_ID", "-1")))
+            self.cuda = torch.cuda.is_available()
+            self.rank = int(os.environ.get("RANK", "0"))
+            self.record: dict = {"pid": os.getpid(), "rank": self.rank, "steps": [], "logs": [],
+                                 "process_start_unix": _process_start_unix()}
+            self.last = 0.0
+            self.hooked = False
+
+        def _sync(self) -> None:
+            if self.cuda:
+                torch.cuda.synchronize()
+
+        def _save(self) -> None:
+            if self.out and self.rank == 0:
+                _write(self.out, self.record)
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            # The tool's own token count, in the mode that leaves padding out.
+            args.include_num_input_tokens_seen = "non_padding"
+            if model is not None and not self.hooked:
+                model.register_forward_pre_hook(self.counter.hook, with_kwargs=True)
+                self.hooked = True
+            r = self.record
+            r.update({"train_begin_unix": time.time(), "max_steps": state.max_steps,
+                      "num_train_epochs": args.num_train_epochs,
+                      "per_device_train_batch_size": args.per_device_train_batch_size,
+                      "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                      "gradient_checkpointing": bool(args.gradient_checkpointing),
+                      "bf16": bool(args.bf16), "deepspeed": bool(args.deepspeed),
+                      "attn_implementation": getattr(getattr(model, "config", None),
+                                                     "_attn_implementation", None),
+                      "model_dtype": str(next(model.parameters()).dtype) if model is not None
+                      else None,
+                      "model_class": type(model).__name__ if model is not None else None,
+                      "world_size": args.world_size})
+            self._save()
+            self._sync()
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._sync()
+            now = time.perf_counter()
+            step = {"step": state.global_step, "time_s": now - self.last, "end_unix": time.time(),
+                    "num_input_tokens_seen": state.num_input_tokens_seen,
+                    **self.counter.drain()}
+            if self.cuda:
+                step["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+                step["max_memory_reserved"] = torch.cuda.max_memory_reserved()
+            self.record["steps"].append(step)
+            self._save()
+            if self.stop_after and state.global_step >= self.stop_after:
+                self.record["stopped_after"] = state.global_step
+                self._save()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)  # skip the tool's end-of-training model save (see module doc)
+            self.last = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                self.record["logs"].append({"step": state.global_step, "unix": time.time(),
+                                            **{k: v for k, v in logs.items()
+                                               if isinstance(v, (int, float, str))}})
+                self._save()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.record["train_end_unix"] = time.time()
+            self._save()
+
+    return Recorder
+
+
+def _process_start_unix() -> float | None:
+    """When this process started (Linux: ``/proc/self/stat`` field 22, in clock ticks since
+    boot), so time to first step includes interpreter start and imports."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _patch_trainer_module(module) -> None:
+    recorder = make_recorder_class()
+    callbacks = getattr(module, "DEFAULT_CALLBACKS", None)
+    if isinstance(callbacks, list) and not any(c is recorder for c in callbacks):
+        callbacks.append(recorder)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds ``transformers.trainer`` with the normal finders and patches it once loaded."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        loader = spec.loader
+        run = loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _patch_trainer_module(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Patch ``transformers.trainer`` when it is imported (only where ``PEER_MEASURE_OUT`` is
+    set: the tools' helper processes, such as a launcher, get nothing)."""
+    if not os.environ.get("PEER_MEASURE_OUT"):
+        return
+    if _TARGET in sys.modules:
+        _patch_trainer_module(sys.modules[_TARGET])
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
