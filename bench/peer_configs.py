@@ -188,6 +188,9 @@ def yaml_text(cfg: dict[str, Any]) -> str:
             val = "true" if v else "false"
         elif isinstance(v, (int, float)):
             val = repr(v)
+            mantissa, e, exp = val.partition("e")
+            if e and "." not in mantissa:  # YAML 1.1 reads 1e-05 as a string, 1.0e-05 as a float
+                val = f"{mantissa}.0e{exp}"
         else:
             val = json.dumps(str(v), ensure_ascii=False)
         lines.append(f"{k}: {val}")
