@@ -162,7 +162,8 @@ def run(args, sites: dict[str, Path], gpu: bool) -> int:
     tok = AutoTokenizer.from_pretrained(base)
     ctx = pr.Context(work=work, model_dir=base, data=data, sites=sites, gpu=gpu,
                      pad_id=tok.pad_token_id if tok.pad_token_id is not None else -1,
-                     timeout_s=args.timeout, python=args.peer_python)
+                     timeout_s=args.timeout, python=args.peer_python,
+                     extra_path=tuple(args.peer_extra_path))
     names = [r for r in args.rows.split(",") if r] or list(pr.QUALITY_ROWS)
     if args.chatft and "chatft" not in names:
         names.insert(0, "chatft")

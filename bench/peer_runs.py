@@ -96,7 +96,10 @@ class Context:
     params: int = 0
     row_length: int = 0  # packed rows' length (speed)
     data_lengths: list[int] = field(default_factory=list)  # chatft's lengths of the train file
+    data_trained_mean: float | None = None  # chatft's trained tokens per sample (answer + eot)
     python: str = sys.executable
+    samples_per_step: int = pc.SPEED_SAMPLES_PER_STEP
+    extra_path: tuple[Path, ...] = ()  # after the hook folder (CPU dry runs: stand-ins)
 
 
 def tool_versions(sites: dict[str, Path]) -> dict[str, dict[str, str]]:
@@ -123,14 +126,18 @@ def speed_job(row: Row, ctx: Context, out: Path) -> tuple[list[str], dict[str, s
     if packed:
         per_device, accum, length = pc.PACKED_ROWS_PER_STEP, 1, ctx.row_length
     else:
-        (per_device, accum), length = pc.unpacked_batch(), pc.UNPACKED_CUTOFF
+        per_device = min(32, ctx.samples_per_step)
+        (per_device, accum), length = (pc.unpacked_batch(ctx.samples_per_step, per_device),
+                                       pc.UNPACKED_CUTOFF)
     env: dict[str, str] = {}
     if row.tool == "llamafactory":
         ds = None
         if row.deepspeed:
             ds = out / "ds_z2_config.json"
             ds.write_text(json.dumps(pc.zero2_config(), indent=1) + "\n")
-            env["FORCE_TORCHRUN"] = "1"  # LLaMA-Factory starts DeepSpeed runs under torchrun
+            # LLaMA-Factory starts DeepSpeed runs under torchrun, one process per GPU it counts
+            # (none on a CPU): one process, said explicitly.
+            env.update(FORCE_TORCHRUN="1", NPROC_PER_NODE="1")
         cfg = pc.lf_config(model=ctx.model_dir, data_dir=data_dir, out=out / "run",
                            per_device=per_device, accumulation=accum, cutoff_len=length,
                            packing=row.packing, gpu=ctx.gpu, epochs=3,
@@ -179,7 +186,8 @@ def peer_env(ctx: Context, tool: str, out: Path, extra: dict[str, str],
     nothing of chatft's path. Offline: no hub is reachable."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update({
-        "PYTHONPATH": os.pathsep.join([str(ctx.sites[tool]), str(HOOK_DIR)]),
+        "PYTHONPATH": os.pathsep.join([str(ctx.sites[tool]), str(HOOK_DIR),
+                                       *map(str, ctx.extra_path)]),
         "PEER_MEASURE_OUT": str(out / "measure.json"), "PEER_PAD_ID": str(ctx.pad_id),
         "PEER_MEASURE_STOP_AFTER": str(stop_after), "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -268,7 +276,8 @@ def lengths_check(seen: list[int], data: list[int]) -> dict[str, Any]:
 
 
 def speed_stats(record: dict[str, Any], start_unix: float, params: int, warmup: int,
-                data_lengths: list[int], gpus: int = 1) -> dict[str, Any]:
+                data_lengths: list[int], gpus: int = 1,
+                data_trained_mean: float | None = None) -> dict[str, Any]:
     """A speed row's numbers from the recorder's record (``peer_measure``'s JSON).
 
     tokens/s per GPU = non-padding tokens of the measured steps / their summed step times /
@@ -303,6 +312,14 @@ def speed_stats(record: dict[str, Any], start_unix: float, params: int, warmup: 
             out["e2e_kind"] = "extrapolated"
     out.update(own_count_check(steps))
     out["lengths_check"] = lengths_check([n for s in steps for n in s["lengths"]], data_lengths)
+    n_samples = sum(len(s["lengths"]) for s in steps)
+    if n_samples and data_trained_mean is not None:
+        # Labels the tool trains per sample vs chatft's (answer + end-of-turn token): a
+        # difference means the tool masks differently (e.g. also trains the newline after
+        # the end-of-turn token).
+        seen = sum(s["trained"] for s in steps) / n_samples
+        out["trained_per_sample"] = {"tool": round(seen, 3), "chatft": round(data_trained_mean, 3),
+                                     "difference": round(seen - data_trained_mean, 3)}
     alloc = [s.get("max_memory_allocated") for s in steps if s.get("max_memory_allocated")]
     resv = [s.get("max_memory_reserved") for s in steps if s.get("max_memory_reserved")]
     if alloc:
@@ -359,7 +376,8 @@ def run_speed_row(row: Row, ctx: Context, sampler_cls) -> dict[str, Any]:
             "model_class")},
         "row_length": ctx.row_length if row.packing != "none" else pc.UNPACKED_CUTOFF,
     }
-    result.update(speed_stats(record, start_unix, ctx.params, ctx.warmup, ctx.data_lengths))
+    result.update(speed_stats(record, start_unix, ctx.params, ctx.warmup, ctx.data_lengths,
+                              data_trained_mean=ctx.data_trained_mean))
     done = len(record.get("steps") or []) >= ctx.steps
     result["status"] = "ok" if done and rc == 0 else "failed"
     if result["status"] != "ok":

@@ -113,7 +113,7 @@ def chatft_speed_row(ctx: pr.Context, model_dir: Path, data: Path, steps: int, w
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     bctx = ts.BenchContext(workdir=ctx.work, model_dir=model_dir, data=data, gpus=1, steps=steps,
-                           warmup=warmup, params=ctx.params, global_batch=pc.SPEED_SAMPLES_PER_STEP,
+                           warmup=warmup, params=ctx.params, global_batch=ctx.samples_per_step,
                            accumulation=None, cpu_smoke=not ctx.gpu, timeout_s=timeout, env=env)
     row = ts.run_chatft(bctx, "chatft", ts.ChatftSettings(), e2e=False, out=ctx.work / "speed" / "chatft")
     row["row"], row["tool"] = "chatft", "chatft"
@@ -121,7 +121,7 @@ def chatft_speed_row(ctx: pr.Context, model_dir: Path, data: Path, steps: int, w
                    "weights, packed 4,096-token micro-batches, varlen FlashAttention, Liger, no "
                    "recompute")
     if row.get("step_time_mean_s") and row.get("time_to_first_step_s"):
-        per_epoch = -(-len(ctx.data_lengths) // pc.SPEED_SAMPLES_PER_STEP)
+        per_epoch = -(-len(ctx.data_lengths) // ctx.samples_per_step)
         row["planned_steps_3_epochs"] = 3 * per_epoch
         row["e2e_wall_s"] = round(row["time_to_first_step_s"]
                                   + (3 * per_epoch - 1) * row["step_time_mean_s"], 1)
@@ -142,13 +142,17 @@ def speed(args, sites: dict[str, Path], gpu: bool, shared: Path) -> int:
     model_dir = work / "models" / args.model_config
     prep = write_random_weights(model_dir, shape, args.tiktoken, gpu)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lengths = peer_eval.sample_lengths(Path(all_data["train"]), tok)
+    rendered = peer_eval.render_file(Path(all_data["train"]), tok)
+    lengths = [len(r) for r in rendered]
+    trained_mean = sum(sum(r.loss_mask[1:]) for r in rendered) / len(rendered)
     mean = sum(lengths) / len(lengths)
     ctx = pr.Context(work=work, model_dir=model_dir, data=all_data, sites=sites, gpu=gpu,
                      pad_id=tok.pad_token_id, timeout_s=args.timeout, steps=args.steps,
                      warmup=args.warmup, params=ts.n_params(shape),
-                     row_length=pc.packed_row_length(mean), data_lengths=lengths,
-                     python=args.peer_python)
+                     row_length=pc.packed_row_length(mean, args.samples_per_step),
+                     data_lengths=lengths, data_trained_mean=trained_mean,
+                     python=args.peer_python,
+                     samples_per_step=args.samples_per_step, extra_path=tuple(args.peer_extra_path))
     label = args.label or ("h200x1" if gpu else "cpu_dry_run")
     path = args.out / f"peers_{label}.json"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -167,15 +171,18 @@ def speed(args, sites: dict[str, Path], gpu: bool, shared: Path) -> int:
                   "folder": str(model_dir), "config": shape},
         "data": {"file": str(args.data), "records": len(records), "system_prompt": pc.SYSTEM_PROMPT,
                  "tokens": sum(lengths), "mean_sample_tokens": round(mean, 2),
+                 "trained_tokens_per_sample": round(trained_mean, 3),
                  "max_sample_tokens": max(lengths), "counted_by": "chatft's rendering with the "
                  "model folder's tokenizer and chat template"},
-        "settings": {"samples_per_step": pc.SPEED_SAMPLES_PER_STEP,
+        "settings": {"samples_per_step": args.samples_per_step,
                      "packed_rows_per_step": pc.PACKED_ROWS_PER_STEP,
                      "packed_row_length": ctx.row_length, "unpacked_cutoff": pc.UNPACKED_CUTOFF,
-                     "unpacked_batch": pc.unpacked_batch(), "steps": args.steps,
+                     "unpacked_batch": pc.unpacked_batch(args.samples_per_step,
+                                                         min(32, args.samples_per_step)),
+                     "steps": args.steps,
                      "warmup_steps_excluded": args.warmup, "peak_flops_per_gpu": pr.PEAK_FLOPS,
                      "why_row_length": f"{pc.PACKED_ROWS_PER_STEP} packed rows of "
-                     f"{ctx.row_length} tokens hold {pc.SPEED_SAMPLES_PER_STEP} samples of the "
+                     f"{ctx.row_length} tokens hold {args.samples_per_step} samples of the "
                      f"mean length {mean:.2f}"},
         "prep": prep, "tool_versions": pr.tool_versions(sites),
         "versions": environment.versions(("accelerate", "liger-kernel")),
@@ -185,7 +192,7 @@ def speed(args, sites: dict[str, Path], gpu: bool, shared: Path) -> int:
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
         if name == "chatft":
-            row = chatft_speed_row(ctx, model_dir, Path(all_data["train"]), args.steps,
+            row = chatft_speed_row(ctx, model_dir, args.data, args.steps,
                                    args.warmup, args.timeout)
         else:
             row = pr.run_speed_row(pr.SPEED_ROWS[name], ctx, ts.ProcessTreeSampler)
@@ -222,6 +229,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=180, help="seconds per row")
     ap.add_argument("--peer-python", default=sys.executable,
                     help="interpreter the tools run with (default: this one)")
+    ap.add_argument("--peer-extra-path", type=Path, action="append", default=[],
+                    help="folder added after the tools' own (CPU dry runs: stand-in modules)")
+    ap.add_argument("--samples-per-step", type=int, default=pc.SPEED_SAMPLES_PER_STEP,
+                    help="speed: samples per optimizer step (128; smaller for CPU dry runs)")
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (implied without CUDA)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/chatft-peers"))
     ap.add_argument("--out", type=Path, default=RESULTS)

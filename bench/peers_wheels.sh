@@ -17,7 +17,8 @@
 # newest release allowed: LLaMA-Factory 0.9.5 pins transformers<=5.6.0 (which in turn needs
 # tokenizers<=0.23.0, so 0.22.2: the machine's 0.23.2 would fail transformers' import check),
 # accelerate<=1.11.0, datasets<=4.0.0 (fsspec<=2025.3.0, dill<0.3.9, multiprocess<0.70.17),
-# peft<=0.18.1, trl<=0.24.0, tyro<0.9. ms-swift 4.6.0 accepts transformers<5.20, so it uses
+# peft<=0.18.1, trl<=0.24.0 (its other pins, tyro and fire, serve only its v1 launcher and
+# scripts: `llamafactory-cli train` never imports them). ms-swift 4.6.0 accepts transformers<5.20, so it uses
 # the machine's 5.17 (and its tokenizers, accelerate, huggingface_hub); it pins datasets<4.8.5,
 # peft<0.21, trl<1.0. modelscope is 1.36.0, the newest release without the modelscope-hub
 # package (whose import needs `cryptography`, which the machine lacks). What the machine
@@ -40,8 +41,7 @@ COMMON=(
 LF=(
   llamafactory==0.9.5 transformers==5.6.0 tokenizers==0.22.2 accelerate==1.11.0
   datasets==4.0.0 fsspec==2025.3.0 dill==0.3.8 multiprocess==0.70.16 peft==0.18.1 trl==0.24.0
-  tyro==0.8.14 docstring-parser==0.18.0 shtab==1.13.0 omegaconf==2.4.0 fire==0.7.1
-  termcolor==3.3.0 hjson==3.1.0
+  omegaconf==2.4.0 hjson==3.1.0
 )
 SWIFT=(
   ms-swift==4.6.0 modelscope==1.36.0 datasets==4.8.4 fsspec==2026.2.0 dill==0.4.1

@@ -2,9 +2,9 @@
 
 Both tools train with Hugging Face ``Trainer``. ``sitecustomize.py`` beside this file runs at
 interpreter start (this folder is on ``PYTHONPATH`` for peer runs only) and calls
-:func:`install`, which waits for ``transformers.trainer`` to be imported and then appends
-:class:`Recorder` to its ``DEFAULT_CALLBACKS``: every ``Trainer`` the tool builds gets it,
-whatever the tool's own callback list. Nothing of the tool is changed.
+:func:`install`, which waits for ``transformers.trainer`` to be imported and then wraps
+``Trainer.__init__`` to add the recorder callback: every ``Trainer`` the tool builds gets it,
+whatever the tool's own callback list. Nothing else of the tool is changed.
 
 Per optimizer step the recorder writes (``PEER_MEASURE_OUT``, a JSON file rewritten after each
 step, so a crash keeps the steps done):
@@ -29,6 +29,7 @@ imported here: a peer's process has its own packages.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import json
@@ -148,7 +149,9 @@ def make_recorder_class():
                       "num_train_epochs": args.num_train_epochs,
                       "per_device_train_batch_size": args.per_device_train_batch_size,
                       "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                      "gradient_checkpointing": bool(args.gradient_checkpointing),
+                      # A tool may switch recomputation on in the model, not the arguments.
+                      "gradient_checkpointing": bool(args.gradient_checkpointing) or bool(
+                          getattr(model, "is_gradient_checkpointing", False)),
                       "bf16": bool(args.bf16), "deepspeed": bool(args.deepspeed),
                       "attn_implementation": getattr(getattr(model, "config", None),
                                                      "_attn_implementation", None),
@@ -208,10 +211,24 @@ def _process_start_unix() -> float | None:
 
 
 def _patch_trainer_module(module) -> None:
+    """Wrap ``Trainer.__init__`` so that every Trainer (and subclass) gets one recorder.
+    (Not through ``DEFAULT_CALLBACKS``: ms-swift replaces that list with its own.)"""
+    trainer_cls = getattr(module, "Trainer", None)
+    if trainer_cls is None or getattr(trainer_cls.__init__, "_peer_measure", False):
+        return
     recorder = make_recorder_class()
-    callbacks = getattr(module, "DEFAULT_CALLBACKS", None)
-    if isinstance(callbacks, list) and not any(c is recorder for c in callbacks):
-        callbacks.append(recorder)
+    original = trainer_cls.__init__
+
+    # functools.wraps keeps the signature visible (ms-swift inspects Trainer.__init__'s
+    # parameters to choose between `processing_class` and `tokenizer`).
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not any(isinstance(cb, recorder) for cb in self.callback_handler.callbacks):
+            self.add_callback(recorder)
+
+    __init__._peer_measure = True  # type: ignore[attr-defined]
+    trainer_cls.__init__ = __init__
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

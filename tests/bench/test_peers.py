@@ -191,6 +191,21 @@ def test_counter_counts_training_forwards_only():
     assert counter.drain()["nonpad"] == 0
 
 
+def test_wrapped_trainer_init_keeps_its_signature():
+    """ms-swift reads Trainer.__init__'s parameters to pick `processing_class`; the wrapper
+    must not hide them (a subclass is patched here, never transformers' own class)."""
+    import inspect
+    import types
+
+    from transformers import Trainer
+
+    module = types.SimpleNamespace(Trainer=type("Patched", (Trainer,), {"__init__": Trainer.__init__}))
+    peer_measure._patch_trainer_module(module)
+    assert module.Trainer.__init__ is not Trainer.__init__
+    assert "processing_class" in inspect.signature(module.Trainer.__init__).parameters
+    assert Trainer.__init__ is not module.Trainer.__init__  # transformers' class untouched
+
+
 HOOKED_TRAINER = textwrap.dedent("""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainingArguments
