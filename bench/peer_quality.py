@@ -65,12 +65,12 @@ def train_time(record: dict[str, Any]) -> float | None:
     return None
 
 
-def chatft_job(args, base: Path, out: Path, train_samples: int) -> list[str]:
+def chatft_job(args, base: Path, out: Path, train_samples: int, data: Path) -> list[str]:
     """chatft's own row at the same settings; ``--eval_steps`` = one epoch, so chatft's own
     held-out loss is logged at each epoch end."""
     per_epoch = -(-train_samples // pc.QUALITY["global_batch"])
     return [sys.executable, "-m", "chatft", "train", "--model", str(args.gguf or base),
-            "--data", str(args.data), "--system", pc.SYSTEM_PROMPT, "--eval_ratio", "0.1",
+            "--data", str(data), "--system", pc.SYSTEM_PROMPT, "--eval_ratio", "0.1",
             "--per_device_train_batch_size", str(pc.QUALITY["global_batch"]),
             "--learning_rate", f"{pc.QUALITY['learning_rate']:g}",
             "--num_train_epochs", f"{args.epochs:g}", "--eval_steps", str(per_epoch),
@@ -159,6 +159,10 @@ def run(args, sites: dict[str, Path], gpu: bool) -> int:
     if args.limit:
         records = records[:args.limit]
     data = pc.write_split(records, work / "quality_data")
+    source = args.data
+    if args.limit:  # chatft's row reads the same records (its own split of them)
+        source = work / "quality_data" / "huanhuan_limited.json"
+        source.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     tok = AutoTokenizer.from_pretrained(base)
     ctx = pr.Context(work=work, model_dir=base, data=data, sites=sites, gpu=gpu,
                      pad_id=tok.pad_token_id if tok.pad_token_id is not None else -1,
@@ -194,7 +198,7 @@ def run(args, sites: dict[str, Path], gpu: bool) -> int:
             shutil.rmtree(out)
         out.mkdir(parents=True)
         if name == "chatft":
-            cmd, extra, cfg = chatft_job(args, base, out, data["train_samples"]), {}, None
+            cmd, extra, cfg = chatft_job(args, base, out, data["train_samples"], source), {}, None
             env = dict(os.environ)
             env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
         else:

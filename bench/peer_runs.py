@@ -96,7 +96,7 @@ class Context:
     params: int = 0
     row_length: int = 0  # packed rows' length (speed)
     data_lengths: list[int] = field(default_factory=list)  # chatft's lengths of the train file
-    data_trained_mean: float | None = None  # chatft's trained tokens per sample (answer + eot)
+    data_trained: list[int] | None = None  # chatft's targets per sample (answer + eot), same order
     python: str = sys.executable
     samples_per_step: int = pc.SPEED_SAMPLES_PER_STEP
     extra_path: tuple[Path, ...] = ()  # after the hook folder (CPU dry runs: stand-ins)
@@ -275,9 +275,28 @@ def lengths_check(seen: list[int], data: list[int]) -> dict[str, Any]:
             "mean_length_data": round(statistics.mean(data), 2) if data else None}
 
 
+def trained_check(seen: list[tuple[int, int]], data: list[tuple[int, int]]) -> dict[str, Any]:
+    """How many labels the tool trains per sample, against chatft's targets for a sample of the
+    same length: for each ``(length, trained)`` the tool trained, the difference to the data's
+    sample of that length (the smallest difference where several share it). chatft trains the
+    answer and the end-of-turn token; a tool that also trains the newline after it shows +1.
+
+    >>> trained_check([(5, 3), (6, 2)], [(5, 2), (6, 2)])["differences"]
+    {'0': 1, '1': 1}
+    """
+    by_length: dict[int, set[int]] = {}
+    for n, t in data:
+        by_length.setdefault(n, set()).add(t)
+    diffs: Counter = Counter()
+    for n, t in seen:
+        cands = by_length.get(n)
+        diffs["no such length" if not cands else str(min((t - c for c in cands), key=abs))] += 1
+    return {"samples": len(seen), "differences": dict(sorted(diffs.items()))}
+
+
 def speed_stats(record: dict[str, Any], start_unix: float, params: int, warmup: int,
                 data_lengths: list[int], gpus: int = 1,
-                data_trained_mean: float | None = None) -> dict[str, Any]:
+                data_trained: list[int] | None = None) -> dict[str, Any]:
     """A speed row's numbers from the recorder's record (``peer_measure``'s JSON).
 
     tokens/s per GPU = non-padding tokens of the measured steps / their summed step times /
@@ -312,14 +331,10 @@ def speed_stats(record: dict[str, Any], start_unix: float, params: int, warmup: 
             out["e2e_kind"] = "extrapolated"
     out.update(own_count_check(steps))
     out["lengths_check"] = lengths_check([n for s in steps for n in s["lengths"]], data_lengths)
-    n_samples = sum(len(s["lengths"]) for s in steps)
-    if n_samples and data_trained_mean is not None:
-        # Labels the tool trains per sample vs chatft's (answer + end-of-turn token): a
-        # difference means the tool masks differently (e.g. also trains the newline after
-        # the end-of-turn token).
-        seen = sum(s["trained"] for s in steps) / n_samples
-        out["trained_per_sample"] = {"tool": round(seen, 3), "chatft": round(data_trained_mean, 3),
-                                     "difference": round(seen - data_trained_mean, 3)}
+    if data_trained is not None:
+        out["trained_check"] = trained_check(
+            [(n, t) for s in steps for n, t in zip(s["lengths"], s.get("trained_per_sample", []))],
+            list(zip(data_lengths, data_trained)))
     alloc = [s.get("max_memory_allocated") for s in steps if s.get("max_memory_allocated")]
     resv = [s.get("max_memory_reserved") for s in steps if s.get("max_memory_reserved")]
     if alloc:
@@ -377,7 +392,7 @@ def run_speed_row(row: Row, ctx: Context, sampler_cls) -> dict[str, Any]:
         "row_length": ctx.row_length if row.packing != "none" else pc.UNPACKED_CUTOFF,
     }
     result.update(speed_stats(record, start_unix, ctx.params, ctx.warmup, ctx.data_lengths,
-                              data_trained_mean=ctx.data_trained_mean))
+                              data_trained=ctx.data_trained))
     done = len(record.get("steps") or []) >= ctx.steps
     result["status"] = "ok" if done and rc == 0 else "failed"
     if result["status"] != "ok":

@@ -144,13 +144,14 @@ def speed(args, sites: dict[str, Path], gpu: bool, shared: Path) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     rendered = peer_eval.render_file(Path(all_data["train"]), tok)
     lengths = [len(r) for r in rendered]
-    trained_mean = sum(sum(r.loss_mask[1:]) for r in rendered) / len(rendered)
+    trained = [int(sum(r.loss_mask[1:])) for r in rendered]  # chatft's targets per sample
+    trained_mean = sum(trained) / len(trained)
     mean = sum(lengths) / len(lengths)
     ctx = pr.Context(work=work, model_dir=model_dir, data=all_data, sites=sites, gpu=gpu,
                      pad_id=tok.pad_token_id, timeout_s=args.timeout, steps=args.steps,
                      warmup=args.warmup, params=ts.n_params(shape),
                      row_length=pc.packed_row_length(mean, args.samples_per_step),
-                     data_lengths=lengths, data_trained_mean=trained_mean,
+                     data_lengths=lengths, data_trained=trained,
                      python=args.peer_python,
                      samples_per_step=args.samples_per_step, extra_path=tuple(args.peer_extra_path))
     label = args.label or ("h200x1" if gpu else "cpu_dry_run")

@@ -14,8 +14,8 @@ step, so a crash keeps the steps done):
 * tokens the model saw, counted by a forward pre-hook from the model's inputs the same way for
   every tool: ``nonpad`` = tokens of ``input_ids`` that are not the pad id (packed rows and
   padded batches alike), ``all`` = every position, ``trained`` = labels that are not -100;
-* the length of every sample in the step: a packed row's segments start where
-  ``position_ids`` is 0 (padding left out); without position ids, one sample per row;
+* the length and trained labels of every sample in the step: a packed row's segments start
+  where ``position_ids`` is 0 (padding left out); without position ids, one sample per row;
 * ``torch.cuda.max_memory_allocated/reserved``;
 * the tool's own token count, Hugging Face Trainer's ``num_input_tokens_seen`` (the recorder
   turns on its ``non_padding`` mode);
@@ -41,33 +41,44 @@ IGNORE_INDEX = -100
 _TARGET = "transformers.trainer"
 
 
-def segment_lengths(input_ids, position_ids, pad_id: int) -> list[int]:
-    """Lengths of the samples in one batch. ``input_ids``: ``[B, T]``; ``position_ids``:
-    ``[B, T]`` or None. Padding (``pad_id``) is dropped first; in what remains a sample starts
-    wherever the position id is 0 (packed rows), or each row is one sample (no position ids).
+def segments(input_ids, position_ids, pad_id: int, labels=None) -> list[tuple[int, int]]:
+    """``(length, trained labels)`` of each sample in one batch. ``input_ids``: ``[B, T]``;
+    ``position_ids``, ``labels``: ``[B, T]`` or None. Padding (``pad_id``) is dropped first; in
+    what remains a sample starts wherever the position id is 0 (packed rows), or each row is
+    one sample (no position ids). Trained labels are those that are not -100 (0 without labels).
 
     >>> import torch
-    >>> segment_lengths(torch.tensor([[5, 6, 7, 8, 9, 0]]), torch.tensor([[0, 1, 0, 1, 2, 0]]), 0)
-    [2, 3]
-    >>> segment_lengths(torch.tensor([[5, 6, 0], [7, 0, 0]]), None, 0)
-    [2, 1]
+    >>> ids, pos = torch.tensor([[5, 6, 7, 8, 9, 0]]), torch.tensor([[0, 1, 0, 1, 2, 0]])
+    >>> segments(ids, pos, 0, torch.tensor([[-100, 6, -100, 8, 9, -100]]))
+    [(2, 1), (3, 2)]
+    >>> segments(torch.tensor([[5, 6, 0], [7, 0, 0]]), None, 0)
+    [(2, 0), (1, 0)]
     """
     import torch
 
     keep = input_ids != pad_id  # [B, T]
-    if position_ids is None or position_ids.shape != input_ids.shape:
-        return [int(n) for n in keep.sum(dim=1).tolist() if n > 0]
-    lengths: list[int] = []
-    for row_keep, row_pos in zip(keep, position_ids):
-        pos = row_pos[row_keep]  # [n] positions of the real tokens
-        if pos.numel() == 0:
+    if position_ids is not None and position_ids.shape != input_ids.shape:
+        position_ids = None
+    if labels is not None and labels.shape != input_ids.shape:
+        labels = None
+    out: list[tuple[int, int]] = []
+    for r in range(input_ids.shape[0]):
+        row_keep = keep[r]
+        n = int(row_keep.sum())
+        if n == 0:
             continue
-        starts = torch.nonzero(pos == 0).flatten().tolist()
-        if not starts or starts[0] != 0:
-            starts = [0] + starts  # a row that continues a sample from the previous row
-        bounds = starts + [pos.numel()]
-        lengths += [bounds[i + 1] - bounds[i] for i in range(len(starts))]
-    return lengths
+        trained = (labels[r][row_keep] != IGNORE_INDEX) if labels is not None else None  # [n]
+        if position_ids is None:
+            starts = [0]
+        else:
+            pos = position_ids[r][row_keep]  # [n] positions of the real tokens
+            starts = torch.nonzero(pos == 0).flatten().tolist()
+            if not starts or starts[0] != 0:
+                starts = [0] + starts  # a row that continues a sample from the previous row
+        bounds = starts + [n]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            out.append((b - a, int(trained[a:b].sum()) if trained is not None else 0))
+    return out
 
 
 class _Counter:
@@ -91,19 +102,18 @@ class _Counter:
 
     def drain(self) -> dict:
         nonpad = total = trained = 0
-        lengths: list[int] = []
+        samples: list[tuple[int, int]] = []
         for ids, pos, labels in self.pending:
-            ids2 = ids.reshape(-1, ids.shape[-1])
-            pos2 = None
-            if pos is not None and pos.dim() >= 2 and pos.shape[-1] == ids.shape[-1]:
-                pos2 = pos.reshape(-1, pos.shape[-1]) if pos.dim() == 2 else None
+            ids2 = ids.reshape(-1, ids.shape[-1])  # [B, T]
+            pos2 = pos if pos is not None and pos.dim() == 2 else None
             nonpad += int((ids2 != self.pad_id).sum())
             total += ids2.numel()
             if labels is not None:
                 trained += int((labels != IGNORE_INDEX).sum())
-            lengths += segment_lengths(ids2, pos2, self.pad_id)
+            samples += segments(ids2, pos2, self.pad_id, labels)
         self.pending.clear()
-        return {"nonpad": nonpad, "all": total, "trained": trained, "lengths": lengths}
+        return {"nonpad": nonpad, "all": total, "trained": trained,
+                "lengths": [n for n, _ in samples], "trained_per_sample": [t for _, t in samples]}
 
 
 def _write(path: str, record: dict) -> None:

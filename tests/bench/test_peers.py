@@ -163,16 +163,18 @@ def test_every_speed_row_builds_a_command(tmp_path):
 # --------------------------------------------------------------------------- recorder
 
 
-def test_segment_lengths_packed_padded_and_continued_rows():
+def test_segments_packed_padded_and_continued_rows():
     # LLaMA-Factory's packed row: two samples, then padding (pad id 0, position 0).
     ids = torch.tensor([[5, 6, 7, 8, 9, 0, 0]])
     pos = torch.tensor([[0, 1, 0, 1, 2, 0, 0]])
-    assert peer_measure.segment_lengths(ids, pos, 0) == [2, 3]
+    labels = torch.tensor([[-100, 6, -100, 8, 9, -100, -100]])
+    assert peer_measure.segments(ids, pos, 0, labels) == [(2, 1), (3, 2)]
     # Padded rows without position ids: one sample per row; an all-padding row is none.
     ids = torch.tensor([[5, 6, 0], [7, 0, 0], [0, 0, 0]])
-    assert peer_measure.segment_lengths(ids, None, 0) == [2, 1]
+    assert peer_measure.segments(ids, None, 0) == [(2, 0), (1, 0)]
     # A row that begins mid-sample still counts its first piece.
-    assert peer_measure.segment_lengths(torch.tensor([[5, 6, 7]]), torch.tensor([[3, 4, 0]]), 0) == [2, 1]
+    assert peer_measure.segments(torch.tensor([[5, 6, 7]]), torch.tensor([[3, 4, 0]]), 0) == [
+        (2, 0), (1, 0)]
 
 
 def test_counter_counts_training_forwards_only():
@@ -187,7 +189,8 @@ def test_counter_counts_training_forwards_only():
     model.eval()
     counter.hook(model, (), {"input_ids": ids, "labels": labels})
     got = counter.drain()
-    assert got == {"nonpad": 5, "all": 8, "trained": 3, "lengths": [3, 2]}
+    assert got == {"nonpad": 5, "all": 8, "trained": 3, "lengths": [3, 2],
+                   "trained_per_sample": [2, 1]}
     assert counter.drain()["nonpad"] == 0
 
 
@@ -240,7 +243,7 @@ def test_sitecustomize_puts_the_recorder_into_every_trainer(tmp_path):
     assert [s["step"] for s in rec["steps"]] == [1, 2] and rec["stopped_after"] == 2
     first = rec["steps"][0]
     assert (first["nonpad"], first["all"], first["trained"]) == (24, 32, 16)
-    assert first["lengths"] == [6, 6, 6, 6]
+    assert first["lengths"] == [6, 6, 6, 6] and first["trained_per_sample"] == [4, 4, 4, 4]
     # Trainer's own count (switched to non-padding mode by the recorder: the attention mask's
     # sum) agrees with the recorder's.
     assert rec["steps"][-1]["num_input_tokens_seen"] == 48
@@ -257,6 +260,7 @@ def _record(times, nonpad, lengths, seen=None):
         total += n if seen is None else seen[i]
         steps.append({"step": i + 1, "time_s": t, "end_unix": 100.0 + sum(times[:i + 1]),
                       "nonpad": n, "all": n + 10, "trained": n // 2, "lengths": ls,
+                      "trained_per_sample": [x - 1 for x in ls],
                       "num_input_tokens_seen": total, "max_memory_allocated": (i + 1) << 30,
                       "max_memory_reserved": (i + 2) << 30})
     return {"steps": steps, "max_steps": 90}
@@ -265,7 +269,7 @@ def _record(times, nonpad, lengths, seen=None):
 def test_speed_stats_by_hand():
     rec = _record([5.0, 1.0, 2.0, 2.0], [900, 1000, 1000, 3000], [[3, 4], [3], [5], [4, 4]])
     s = peer_runs.speed_stats(rec, start_unix=90.0, params=1_000_000_000, warmup=2,
-                              data_lengths=[3, 3, 4, 4, 4, 5])
+                              data_lengths=[3, 3, 4, 4, 4, 5], data_trained=[2, 2, 2, 2, 2, 3])
     assert s["tokens_per_s_per_gpu"] == 1000.0  # (1000 + 3000) / (2 + 2)
     assert s["mfu"] == round(1000 * 6 * 1e9 / 989e12, 5)
     assert s["step_time_p50_s"] == 2.0 and s["time_to_first_step_s"] == 15.0
@@ -274,12 +278,19 @@ def test_speed_stats_by_hand():
     assert s["peak_gpu_allocated_gib"] == 4.0 and s["peak_gpu_reserved_gib"] == 5.0
     assert s["own_count"]["within_1_percent"] is True
     assert s["lengths_check"]["unmatched"] == 0 and s["lengths_check"]["samples_seen"] == 6
+    # Samples of length 3 train as chatft does; those of lengths 4 and 5 one label more.
+    assert s["trained_check"] == {"samples": 6, "differences": {"0": 2, "1": 4}}
 
 
 def test_own_count_mismatch_is_reported_not_hidden():
     rec = _record([1.0, 1.0], [100, 100], [[1], [1]], seen=[400, 400])
     check = peer_runs.speed_stats(rec, 99.0, 1, 0, [1, 1])["own_count"]
     assert check["ratio"] == 4.0 and check["within_1_percent"] is False and check["note"]
+
+
+def test_trained_check_names_the_difference_per_sample():
+    c = peer_runs.trained_check([(5, 3), (6, 2), (9, 1)], [(5, 2), (6, 2), (6, 1)])
+    assert c["differences"] == {"0": 1, "1": 1, "no such length": 1}
 
 
 def test_lengths_check_counts_lengths_the_data_does_not_hold():
