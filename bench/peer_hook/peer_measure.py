@@ -11,9 +11,10 @@ step, so a crash keeps the steps done):
 
 * wall time between consecutive step ends (the first from ``on_train_begin``), with the CUDA
   queue drained before each reading;
-* tokens the model saw, counted by a forward pre-hook from the model's inputs the same way for
-  every tool: ``nonpad`` = tokens of ``input_ids`` that are not the pad id (packed rows and
-  padded batches alike), ``all`` = every position, ``trained`` = labels that are not -100;
+* tokens the model was fed, counted from the inputs of every ``training_step`` (collated,
+  before the tool's loss code runs) the same way for every tool: ``nonpad`` = tokens of
+  ``input_ids`` that are not the pad id (packed rows and padded batches alike), ``all`` =
+  every position, ``trained`` = labels that are not -100;
 * the length and trained labels of every sample in the step: a packed row's segments start
   where ``position_ids`` is 0 (padding left out); without position ids, one sample per row;
 * ``torch.cuda.max_memory_allocated/reserved``;
@@ -82,20 +83,18 @@ def segments(input_ids, position_ids, pad_id: int, labels=None) -> list[tuple[in
 
 
 class _Counter:
-    """Forward pre-hook state: what the model was fed since the last optimizer step."""
+    """What the Trainer fed the model since the last optimizer step (read from the inputs of
+    each ``training_step``, before the tool's loss code can pop the labels)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
-        self.pending: list[tuple] = []  # (input_ids, position_ids, labels) of training forwards
+        self.pending: list[tuple] = []  # (input_ids, position_ids, labels) per micro-batch
 
-    def hook(self, module, args, kwargs) -> None:
-        if not module.training:
-            return  # evaluation forwards are not training tokens
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+    def record(self, inputs) -> None:
+        input_ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
         if input_ids is None:
             return
-        pos = kwargs.get("position_ids")
-        labels = kwargs.get("labels")
+        pos, labels = inputs.get("position_ids"), inputs.get("labels")
         # Detached references only; read after the step's synchronize (no extra sync here).
         self.pending.append((input_ids.detach(), None if pos is None else pos.detach(),
                              None if labels is None else labels.detach()))
@@ -138,7 +137,6 @@ def make_recorder_class():
             self.record: dict = {"pid": os.getpid(), "rank": self.rank, "steps": [], "logs": [],
                                  "process_start_unix": _process_start_unix()}
             self.last = 0.0
-            self.hooked = False
 
         def _sync(self) -> None:
             if self.cuda:
@@ -151,9 +149,6 @@ def make_recorder_class():
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             # The tool's own token count, in the mode that leaves padding out.
             args.include_num_input_tokens_seen = "non_padding"
-            if model is not None and not self.hooked:
-                model.register_forward_pre_hook(self.counter.hook, with_kwargs=True)
-                self.hooked = True
             r = self.record
             r.update({"train_begin_unix": time.time(), "max_steps": state.max_steps,
                       "num_train_epochs": args.num_train_epochs,
@@ -234,8 +229,17 @@ def _patch_trainer_module(module) -> None:
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        if not any(isinstance(cb, recorder) for cb in self.callback_handler.callbacks):
-            self.add_callback(recorder)
+        if any(isinstance(cb, recorder) for cb in self.callback_handler.callbacks):
+            return  # a subclass's __init__ ran this already
+        rec = recorder()
+        self.add_callback(rec)
+        step = self.training_step  # the tool's own (bound; subclasses' overrides included)
+
+        def training_step(model, inputs, *a, **k):
+            rec.counter.record(inputs)
+            return step(model, inputs, *a, **k)
+
+        self.training_step = training_step
 
     __init__._peer_measure = True  # type: ignore[attr-defined]
     trainer_cls.__init__ = __init__

@@ -177,17 +177,12 @@ def test_segments_packed_padded_and_continued_rows():
         (2, 0), (1, 0)]
 
 
-def test_counter_counts_training_forwards_only():
-    model = torch.nn.Embedding(10, 2)
+def test_counter_counts_each_micro_batch_once():
     counter = peer_measure._Counter(pad_id=0)
-    model.register_forward_pre_hook(counter.hook, with_kwargs=True)
     ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
     labels = torch.tensor([[-100, 2, 3, -100], [-100, 5, -100, -100]])
-    model.train()
-    model(input=ids)  # positional name differs from input_ids: the hook ignores it
-    counter.hook(model, (), {"input_ids": ids, "labels": labels})
-    model.eval()
-    counter.hook(model, (), {"input_ids": ids, "labels": labels})
+    counter.record({"input_ids": ids, "labels": labels, "attention_mask": ids != 0})
+    counter.record({"pixel_values": ids})  # no input ids: nothing to count
     got = counter.drain()
     assert got == {"nonpad": 5, "all": 8, "trained": 3, "lengths": [3, 2],
                    "trained_per_sample": [2, 1]}
