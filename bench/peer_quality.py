@@ -174,6 +174,9 @@ def run(args, sites: dict[str, Path], gpu: bool) -> int:
     label = args.label or ("h200x1" if gpu else "cpu_dry_run")
     path = args.out / f"peers_quality_{label}.json"
     args.out.mkdir(parents=True, exist_ok=True)
+    # Rows of an earlier invocation with the same label stay unless run again.
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    kept = [r for r in old.get("rows", []) if r.get("row") not in names]
     result: dict[str, Any] = {
         "benchmark": "peers_quality", "label": label, "complete": False, "dry_run": not gpu,
         "command": "python " + shlex.join(sys.argv), "gguf": gguf_check, "base_folder": str(base),
@@ -186,7 +189,7 @@ def run(args, sites: dict[str, Path], gpu: bool) -> int:
         "chatft_reference": CHATFT_QUALITY_REFERENCE,
         "tool_versions": pr.tool_versions(sites),
         "versions": environment.versions(("accelerate", "liger-kernel")),
-        "hardware": environment.hardware(device, gpu_count_key="gpu_count_visible"), "rows": [],
+        "hardware": environment.hardware(device, gpu_count_key="gpu_count_visible"), "rows": kept,
     }
     # All tools at once: one process tree each, each with its own time limit.
     jobs = {}

@@ -5,8 +5,9 @@
 #
 #   bench/peers_suite.sh speed        # 7B shape: lf_neat, lf_neat_zero2, swift_packing
 #   bench/peers_suite.sh speed_more   # 7B shape: lf_packing, swift_nopack (ROWS=... overrides)
-#   bench/peers_suite.sh quality      # Qwen2.5-Coder-0.5B: LLaMA-Factory, ms-swift (bf16
-#                                     # weights), ms-swift (fp32 weights), side by side
+#   bench/peers_suite.sh quality      # Qwen2.5-Coder-0.5B: LLaMA-Factory and ms-swift side by
+#                                     # side (ROWS=swift_fp32 PEERS_CHATFT=1: a second call with
+#                                     # ms-swift on fp32 weights and chatft's own row)
 #
 # Environment:
 #   CHATFT_SHARED  folder with data/huanhuan.json and assets/qwen.tiktoken (required)
@@ -83,8 +84,8 @@ speed_more)
   run 500 speed --rows "${ROWS:-lf_packing,swift_nopack}" "${CHATFT_FLAG[@]}" \
     --steps 8 --warmup 2 --timeout 170 ;;
 quality)
-  run 520 quality --gguf "${QWEN_GGUF:?QWEN_GGUF: the Qwen2.5-Coder-0.5B GGUF}" \
-    --rows "${ROWS:-llamafactory,swift,swift_fp32}" "${CHATFT_FLAG[@]}" --timeout 330 ;;
+  run 530 quality --gguf "${QWEN_GGUF:?QWEN_GGUF: the Qwen2.5-Coder-0.5B GGUF}" \
+    --rows "${ROWS:-llamafactory,swift}" "${CHATFT_FLAG[@]}" --timeout 360 ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 
