@@ -206,7 +206,7 @@ def run(args, sites: dict[str, Path], gpu: bool) -> int:
             env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
         else:
             row = pr.QUALITY_ROWS[name]
-            cmd, extra, cfg = pr.quality_job(row, ctx, out)
+            cmd, extra, cfg = pr.quality_job(row, ctx, out, args.epochs)
             env = pr.peer_env(ctx, row.tool, out, extra)
         t0 = time.time()
         proc = pr.start(cmd, env, out / "log.txt")

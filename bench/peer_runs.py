@@ -157,9 +157,10 @@ def speed_job(row: Row, ctx: Context, out: Path) -> tuple[list[str], dict[str, s
     return [ctx.python, "-m", "swift.cli.main", "sft", *args], env, path
 
 
-def quality_job(row: Row, ctx: Context, out: Path) -> tuple[list[str], dict[str, str], Path]:
+def quality_job(row: Row, ctx: Context, out: Path, epochs: float = pc.QUALITY["epochs"]
+                ) -> tuple[list[str], dict[str, str], Path]:
     """The command, extra environment and config file of a quality row."""
-    q = pc.QUALITY
+    q = {**pc.QUALITY, "epochs": epochs}
     if row.tool == "llamafactory":
         cfg = pc.lf_config(model=ctx.model_dir, data_dir=Path(ctx.data["dir"]), out=out / "run",
                            per_device=q["global_batch"], accumulation=1,

@@ -343,3 +343,30 @@ def test_answer_folder_takes_weights_from_one_and_tokenizer_from_the_other(tmp_p
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         "config.json": "ck", "model.safetensors": "ck", "tokenizer.json": "base",
         "tokenizer_config.json": "base"}
+
+
+def test_quality_rows_train_at_equal_settings(tmp_path):
+    data = pc.write_split(RECORDS, tmp_path / "data")
+    ctx = peer_runs.Context(work=tmp_path, model_dir=tmp_path / "m", data=data,
+                            sites={"llamafactory": tmp_path / "lf", "swift": tmp_path / "sw"},
+                            gpu=True, pad_id=0, timeout_s=1)
+    seen = {}
+    for row in peer_runs.QUALITY_ROWS.values():
+        out = tmp_path / row.name
+        out.mkdir()
+        cmd, _, config = peer_runs.quality_job(row, ctx, out, epochs=3)
+        if row.tool == "llamafactory":
+            cfg = yaml.safe_load(config.read_text())
+            seen[row.name] = (cfg["per_device_train_batch_size"] * cfg["gradient_accumulation_steps"],
+                              cfg["learning_rate"], cfg["num_train_epochs"], cfg["lr_scheduler_type"],
+                              cfg["warmup_ratio"], cfg["bf16"])
+            assert cfg["packing"] is False and cfg["save_strategy"] == "epoch"
+        else:
+            a = _pairs(cmd[cmd.index("sft") + 1:])
+            seen[row.name] = (int(a["--per_device_train_batch_size"])
+                              * int(a["--gradient_accumulation_steps"]), float(a["--learning_rate"]),
+                              float(a["--num_train_epochs"]), a["--lr_scheduler_type"],
+                              float(a["--warmup_ratio"]), a["--bf16"] == "true")
+            assert a["--val_dataset"] == data["eval"] and a["--save_strategy"] == "epoch"
+            assert a["--torch_dtype"] == ("float32" if row.name == "swift_fp32" else "bfloat16")
+    assert set(seen.values()) == {(16, 1e-5, 3, "cosine", 0.03, True)}
