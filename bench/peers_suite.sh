@@ -47,6 +47,12 @@ install() {  # install NAME WHEELS TARGET: the tool's own folder, once per machi
 }
 install llamafactory "$LF_WHEELS" /tmp/peer-lf
 install swift "$SWIFT_WHEELS" /tmp/peer-swift
+if [ ! -d /tmp/site/gguf ] && ls "$LF_WHEELS"/chatft-extras/*.whl > /dev/null 2>&1; then
+  # The driver dequantizes the quality model's GGUF (transformers needs the gguf package).
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    "$LF_WHEELS"/chatft-extras/*.whl > "$LOGS/pip_gguf.log" 2>&1
+  log "installed gguf into /tmp/site: exit $?"
+fi
 CHATFT_FLAG=()
 if [ "${PEERS_CHATFT:-0}" = 1 ]; then
   CHATFT_FLAG=(--chatft)

@@ -73,6 +73,10 @@ done
 fetch "$DEST/peer-lf" "${LF[@]}" "${COMMON[@]}"
 deepspeed_wheel "$DEST/peer-lf"
 fetch "$DEST/peer-swift" "${SWIFT[@]}" "${COMMON[@]}"
+# Not a peer's: the benchmark's own process dequantizes the quality model's GGUF with
+# transformers, which needs the gguf package (absent on the GPU machine).
+mkdir -p "$DEST/peer-lf/chatft-extras"
+fetch "$DEST/peer-lf/chatft-extras" gguf==0.19.0
 
 for name in peer-lf peer-swift; do
   n=$(ls "$DEST/$name"/*.whl | wc -l)
