@@ -38,11 +38,6 @@ def render_file(path: Path, tokenizer) -> list:
     return render_many(loaded.conversations, chat_format(tokenizer))
 
 
-def sample_lengths(path: Path, tokenizer) -> list[int]:
-    """Token count of every sample of ``path`` as chatft renders it."""
-    return [len(s) for s in render_file(path, tokenizer)]
-
-
 def _batches(samples: list, max_tokens: int) -> list[list]:
     """Samples sorted by length, grouped so that rows x longest <= ``max_tokens``."""
     order = sorted(samples, key=len)

@@ -52,9 +52,15 @@ def check_gguf(path: Path, expected_bytes: int, sha_prefix: str) -> dict[str, An
 
 
 def own_eval_losses(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The tool's own held-out losses (``eval_loss`` of its logs), in order."""
-    return [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in record.get("logs", [])
-            if "eval_loss" in r]
+    """The tool's own held-out losses (``eval_loss`` of its logs), one per step (a tool that
+    evaluates again after the last epoch logs that step twice).
+
+    >>> own_eval_losses({"logs": [{"step": 4, "eval_loss": 2.0}, {"step": 4, "eval_loss": 2.0},
+    ...                           {"step": 2, "loss": 3.0}]})
+    [{'step': 4, 'eval_loss': 2.0}]
+    """
+    by_step = {r["step"]: r["eval_loss"] for r in record.get("logs", []) if "eval_loss" in r}
+    return [{"step": k, "eval_loss": v} for k, v in sorted(by_step.items())]
 
 
 def train_time(record: dict[str, Any]) -> float | None:

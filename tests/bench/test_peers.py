@@ -370,3 +370,15 @@ def test_quality_rows_train_at_equal_settings(tmp_path):
             assert a["--val_dataset"] == data["eval"] and a["--save_strategy"] == "epoch"
             assert a["--torch_dtype"] == ("float32" if row.name == "swift_fp32" else "bfloat16")
     assert set(seen.values()) == {(16, 1e-5, 3, "cosine", 0.03, True)}
+
+
+def test_own_eval_losses_one_per_step():
+    sys.path.insert(0, str(REPO / "bench"))  # peer_quality imports its siblings by name
+    try:
+        import peer_quality
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    logs = {"logs": [{"step": 4, "eval_loss": 2.0}, {"step": 8, "eval_loss": 1.5},
+                     {"step": 8, "eval_loss": 1.5}, {"step": 8, "loss": 9.0}]}
+    assert peer_quality.own_eval_losses(logs) == [{"step": 4, "eval_loss": 2.0},
+                                                   {"step": 8, "eval_loss": 1.5}]
