@@ -392,8 +392,11 @@ def run_speed_row(row: Row, ctx: Context, sampler_cls) -> dict[str, Any]:
             "model_class")},
         "row_length": ctx.row_length if row.packing != "none" else pc.UNPACKED_CUTOFF,
     }
+    # Per GPU: the recorder's step tokens are rank 0's; every rank trains as many (ZeRO/DDP
+    # data parallel), so tokens/s per GPU is rank 0's rate whatever the world size.
     result.update(speed_stats(record, start_unix, ctx.params, ctx.warmup, ctx.data_lengths,
                               data_trained=ctx.data_trained))
+    result["world_size"] = record.get("world_size")
     done = len(record.get("steps") or []) >= ctx.steps
     result["status"] = "ok" if done and rc == 0 else "failed"
     if result["status"] != "ok":
