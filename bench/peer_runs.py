@@ -222,6 +222,10 @@ def finish(proc: subprocess.Popen, timeout_s: float) -> tuple[int, bool]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the group start() created
         rc, timed_out = proc.wait(), True
+    try:  # what the tool left behind (data-loader workers of a stopped run): the next row
+        os.killpg(proc.pid, signal.SIGKILL)  # starts on an empty GPU and host
+    except (ProcessLookupError, PermissionError):
+        pass
     proc.log_file.close()  # type: ignore[attr-defined]
     return rc, timed_out
 
