@@ -143,6 +143,33 @@ class TrainArgs:
     adam_epsilon: float = 1e-8
     """AdamW epsilon."""
 
+    optim: Literal["adamw_torch", "adamw_torch_8bit", "adamw_torch_4bit"] = "adamw_torch"
+    """Optimizer (Hugging Face's names). adamw_torch: torch's AdamW, fp32 moments (8 bytes per
+    parameter). adamw_torch_8bit / adamw_torch_4bit: torchao's AdamW with block-quantized
+    moments (about 2 / 1.06 bytes per parameter; tensors under 4096 elements keep fp32 moments);
+    needs `pip install 'chatft[lean]'` (torchao 0.18) and compiles its update with
+    torch.compile (triton on CUDA, a C++ compiler on CPU). Plain PyTorch engine only."""
+
+    master_weights: Literal["fp32", "none"] = "fp32"
+    """bf16 training: fp32 applies each update to fp32 master copies of the weights (4 bytes
+    per parameter) rounded into the bf16 weights. none keeps no masters: the update is computed
+    in fp32 and written into the bf16 weights with stochastic rounding (torchao's
+    bf16_stochastic_round), which is unbiased, so updates smaller than bf16's spacing are not
+    lost on average (plain rounding would drop them). Needs precision bf16."""
+
+    optimizer_in_bwd: bool = False
+    """Update each parameter during the backward pass, as soon as its gradient is ready, and
+    free that gradient at once, so the full set of gradients never exists (torchtune's name).
+    One process only; a step must be one micro-batch (gradient_accumulation_steps 1,
+    micro_batch_tokens 0) and max_grad_norm must be 0 (clipping by the global norm needs every
+    gradient before the first update). Not with fp16 (its loss scaler checks all gradients)."""
+
+    optimizer_states: Literal["device", "host"] = "device"
+    """Where the optimizer's moments live. host: in (pinned) host memory; with
+    optimizer_in_bwd each parameter's moments are copied to the GPU when its gradient is
+    ready, updated there and copied back on a side stream, overlapped with the rest of the
+    backward pass. Needs optimizer_in_bwd, and master_weights none in bf16 runs."""
+
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
 
@@ -321,6 +348,48 @@ class Config:
             p.append(f"train.resume: not 'auto' and not a checkpoint folder: {t.resume}")
         if t.micro_batch_tokens and not d.packing:
             p.append("train.micro_batch_tokens needs data.packing true")
+        p += self._optimizer_problems()
+        return p
+
+    def _optimizer_problems(self) -> list[str]:
+        """Combinations of the optimizer options (train.optim, master_weights,
+        optimizer_in_bwd, optimizer_states) that cannot run."""
+        p: list[str] = []
+        t = self.train
+        lean = [f"{name} {value}" for name, value, default in (
+            ("train.optim", t.optim, "adamw_torch"), ("train.master_weights", t.master_weights, "fp32"),
+            ("train.optimizer_in_bwd", t.optimizer_in_bwd, False),
+            ("train.optimizer_states", t.optimizer_states, "device")) if value != default]
+        if lean and self.uses_deepspeed:
+            p.append(f"{', '.join(lean)}: runs on the plain PyTorch engine (one process, no ZeRO "
+                     "or offload); DeepSpeed steps its own fp32 partitions with AdamW")
+        if t.optim != "adamw_torch":
+            import importlib.util
+
+            if importlib.util.find_spec("torchao") is None:
+                p.append(f"train.optim {t.optim} needs torchao: pip install 'chatft[lean]' "
+                         "(or pip install torchao==0.18.0)")
+        if t.master_weights == "none" and t.precision in ("fp32", "fp16"):
+            p.append(f"train.master_weights none needs bf16 weights (precision is {t.precision}: "
+                     "its weights are fp32 and are their own masters)")
+        if t.optimizer_in_bwd:
+            if t.gradient_accumulation_steps != 1 or t.micro_batch_tokens:
+                p.append("train.optimizer_in_bwd updates each parameter in the backward pass, so "
+                         "a step must be one micro-batch: set gradient_accumulation_steps 1 and "
+                         "micro_batch_tokens 0 (raise per_device_train_batch_size instead)")
+            if t.max_grad_norm > 0:
+                p.append("train.optimizer_in_bwd updates each parameter before the global gradient "
+                         "norm is known, so it cannot clip by it: set max_grad_norm 0")
+            if t.precision == "fp16":
+                p.append("train.optimizer_in_bwd does not run with precision fp16 (the loss scaler "
+                         "must see every gradient before any update); use bf16 or fp32")
+        if t.optimizer_states == "host":
+            if not t.optimizer_in_bwd:
+                p.append("train.optimizer_states host needs optimizer_in_bwd true (each "
+                         "parameter's states travel to the GPU when its gradient is ready)")
+            if t.master_weights == "fp32" and t.precision == "bf16":
+                p.append("train.optimizer_states host moves the optimizer's moments, not fp32 "
+                         "master weights: set master_weights none with precision bf16")
         return p
 
     def validate(self) -> "Config":

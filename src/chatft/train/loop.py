@@ -235,12 +235,13 @@ def train(cfg: Config) -> TrainResult:
                          rank=rank, accumulation=t.gradient_accumulation_steps,
                          micro_batch_tokens=t.micro_batch_tokens)
         step_start = time.perf_counter()
-        with explain_out_of_memory(cfg, train_data.lengths):
-            local = run_step(engine, train_data, plan, cfg, pad_id, multiple)
         lr = lr_at(step, peak=t.learning_rate, total_steps=total_steps, warmup=warmup,
                    kind=t.lr_scheduler_type)
         if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
             lr = engine.current_lr()
+        engine.begin_step(lr)  # an optimizer stepping in backward needs the rate before it
+        with explain_out_of_memory(cfg, train_data.lengths):
+            local = run_step(engine, train_data, plan, cfg, pad_id, multiple)
         with explain_out_of_memory(cfg, train_data.lengths):
             grad_norm = engine.step(lr)
         step_loss = float(engine.all_reduce_sum(local)) / plan.trained_tokens
