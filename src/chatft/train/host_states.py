@@ -26,10 +26,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-#: Host memory is carved from slabs of this size (see :class:`HostArena`).
-SLAB_BYTES = 1 << 30
-#: Byte alignment of each tensor carved from a slab (so any dtype view is aligned).
-ALIGN = 512
+from chatft.train.optim_memory import SLAB_BYTES, place_in_slab
 
 
 class HostArena:
@@ -44,7 +41,8 @@ class HostArena:
 
     def __init__(self, pin: bool, slab_bytes: int = SLAB_BYTES):
         self.pin, self.slab_bytes = pin, slab_bytes
-        self.slabs: list[list[Any]] = []  # [uint8 tensor [slab_bytes], bytes used]
+        self.slabs: list[torch.Tensor] = []  # uint8 [slab_bytes] each
+        self.used: list[int] = []  # bytes placed in each slab
         self.own_bytes = 0  # tensors too large for a slab
 
     @property
@@ -55,19 +53,14 @@ class HostArena:
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
         """An uninitialized host tensor of ``t``'s shape and dtype (contiguous)."""
         nbytes = t.numel() * t.element_size()
-        if nbytes > self.slab_bytes:
+        where = place_in_slab(self.used, nbytes, self.slab_bytes)
+        if where is None:
             self.own_bytes += nbytes
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-        for slab in self.slabs:
-            start = -(-slab[1] // ALIGN) * ALIGN
-            if start + nbytes <= self.slab_bytes:
-                break
-        else:
-            slab = [torch.empty(self.slab_bytes, dtype=torch.uint8, pin_memory=self.pin), 0]
-            self.slabs.append(slab)
-            start = 0
-        slab[1] = start + nbytes
-        return slab[0][start:start + nbytes].view(t.dtype).view(t.shape)
+        index, start = where
+        if index == len(self.slabs):
+            self.slabs.append(torch.empty(self.slab_bytes, dtype=torch.uint8, pin_memory=self.pin))
+        return self.slabs[index][start:start + nbytes].view(t.dtype).view(t.shape)
 
 
 def _inner(t: torch.Tensor) -> tuple[list[str], Any]:
