@@ -43,7 +43,7 @@ def batches() -> list[Batch]:
     return out
 
 
-def make_engine(precision: str, lr: float, **train) -> TorchEngine:
+def make_engine(precision: str, lr: float, device: str = "cpu", **train) -> TorchEngine:
     cfg = Config()
     cfg.train.precision = precision
     cfg.train.learning_rate = lr
@@ -53,7 +53,7 @@ def make_engine(precision: str, lr: float, **train) -> TorchEngine:
         setattr(cfg.train, key, value)
     cfg.validate()
     model = tiny_model(torch.bfloat16 if precision == "bf16" else torch.float32)
-    return TorchEngine(cfg, model, precision, torch.device("cpu"), "chunked")
+    return TorchEngine(cfg, model, precision, torch.device(device), "chunked")
 
 
 def train_steps(engine: TorchEngine, steps: range, lr: float) -> list[float]:

@@ -53,8 +53,15 @@ def test_optimizer_options_that_cannot_run_are_refused_together():
 
 def test_a_choice_that_only_fails_at_run_time_is_a_config_error():
     """precision auto resolves to fp32 on a CPU: bf16 weights without masters cannot be."""
+    import torch
+
+    from chatft.train.engine import TorchEngine, resolve_precision
+    from tests.train.lean_helpers import tiny_model
+
+    cfg = load_config(None, ["--master_weights", "none"])  # precision auto: valid as written
+    precision, _ = resolve_precision(cfg.train.precision, torch.device("cpu"))
     with pytest.raises(ConfigError, match="master_weights none needs bf16"):
-        make_engine("fp32", 1e-3, master_weights="none", precision="auto")
+        TorchEngine(cfg, tiny_model(torch.float32), precision, torch.device("cpu"), "chunked")
 
 
 @pytest.fixture(scope="module")
