@@ -140,13 +140,18 @@ class HostStates:
             state[k] = copy_to(host, self.device)
             self.moved_bytes += nbytes(host)
 
+    def _side_stream(self):
+        """The side stream, after the work queued so far on the current one (a gradient or
+        loaded moments are ready); a no-op context without CUDA."""
+        if not self.cuda:
+            return nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self.stream)
+
     def update(self, p: torch.Tensor, optimizer: Any) -> None:
         """Step ``optimizer`` (which holds only ``p``) with ``p.grad``, then free the grad."""
         state = optimizer.state[p]
-        ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext()
-        if self.cuda:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # p.grad is ready
-        with ctx:
+        with self._side_stream():
             self._to_device(p, state)
             if self.cuda:
                 p.grad.record_stream(self.stream)  # its memory is reused only after the update
@@ -160,7 +165,8 @@ class HostStates:
 
     def adopt(self, p: torch.Tensor, optimizer: Any) -> None:
         """Move moments just loaded onto the GPU (a resumed checkpoint) to the host."""
-        self._to_host(p, optimizer.state[p])
+        with self._side_stream():
+            self._to_host(p, optimizer.state[p])
         self.wait()
 
     def finish(self) -> None:
