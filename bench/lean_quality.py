@@ -8,6 +8,7 @@ epochs 1-3 at these settings. ``optimizer_in_bwd`` cannot clip by the global nor
 ``adamw_torch_noclip`` (fp32 AdamW with ``--max_grad_norm 0``) is its like-for-like reference.
 
     python3 bench/lean_quality.py --model /path/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+    python3 bench/lean_quality.py --model ... --variants adamw_torch_noclip,lean_24gib  # adds rows
 
 Writes ``bench/results/lean_quality_qwen2.5-0.5b_<label>.json`` (commands, per-epoch held-out
 losses, differences from the references, wall times); prints a table and a last JSON line.
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         procs[name] = subprocess.Popen(cmds[name], stdout=(out / "log.txt").open("w"),
                                        stderr=subprocess.STDOUT, env=env)
-    rows = {}
+    path = REPO / "bench" / "results" / f"lean_quality_qwen2.5-0.5b_{args.label}.json"
+    # Rows of earlier invocations with the same label stay (variants may run in groups).
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else {}
     for name, proc in procs.items():
         try:
             rc = proc.wait(timeout=max(1.0, args.timeout - (time.time() - t0)))
@@ -102,20 +105,20 @@ def main(argv: list[str] | None = None) -> int:
                                                     rows[ref]["eval_loss_per_epoch"])]
             row.update({"reference": ref, "diff_per_epoch": diff,
                         "within_tolerance": len(diff) == 3 and all(abs(d) <= TOLERANCE for d in diff)})
-    result = {"benchmark": "lean_quality", "command": shlex.join([sys.executable, *sys.argv]),
+    result = {"benchmark": "lean_quality", "commands": sorted({*(json.loads(path.read_text()).get(
+                  "commands", []) if path.is_file() else []), shlex.join([sys.executable, *sys.argv])}),
               "model": str(args.model), "steps_per_epoch": steps_per_epoch, "tolerance": TOLERANCE,
               "versions": environment.versions(["torchao", "liger-kernel"]),
               "hardware": environment.hardware("cuda"), "rows": rows,
               "notes": ["Variants ran at the same time on one GPU: wall times are not speeds.",
                         "eval_loss: mean NLL per trained token over the held-out records."]}
-    path = REPO / "bench" / "results" / f"lean_quality_qwen2.5-0.5b_{args.label}.json"
     path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     for name, row in rows.items():
         print(f"{name:20} rc={row['returncode']} before={row['eval_loss_before']} "
               f"epochs={row['eval_loss_per_epoch']} diff={row.get('diff_per_epoch')}")
     print(json.dumps({"result": str(path.relative_to(REPO)),
                       "rows": {k: v["eval_loss_per_epoch"] for k, v in rows.items()}}))
-    return 0 if all(r["returncode"] == 0 for r in rows.values()) else 1
+    return 0 if all(rows[n]["returncode"] == 0 for n in names) else 1
 
 
 if __name__ == "__main__":

@@ -184,6 +184,8 @@ class TorchEngine(Engine):
 
     def release(self) -> None:
         """Drop the optimizer and the model so their device memory can be reused (export)."""
+        if self.in_backward:  # its gradient hooks would keep it alive
+            self.optimizer.remove_hooks()
         self.optimizer = self.wrapper = self.model = None
 
 
