@@ -37,7 +37,8 @@ class HostArena:
     (an MLP matrix's 67.9 MB of codes takes a 128 MiB block). Slabs of a power-of-two size
     waste nothing to that rounding; tensors are placed first-fit and never freed (the
     optimizer's moments live as long as training). A tensor larger than a slab gets its own
-    allocation."""
+    allocation. ``slab_bytes`` 0: no slabs, every tensor its own (unpinned) allocation -- what
+    a machine without CUDA uses, since a checkpoint stores each slab whole."""
 
     def __init__(self, pin: bool, slab_bytes: int = SLAB_BYTES):
         self.pin, self.slab_bytes = pin, slab_bytes
@@ -53,7 +54,7 @@ class HostArena:
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
         """An uninitialized host tensor of ``t``'s shape and dtype (contiguous)."""
         nbytes = t.numel() * t.element_size()
-        where = place_in_slab(self.used, nbytes, self.slab_bytes)
+        where = place_in_slab(self.used, nbytes, self.slab_bytes) if self.slab_bytes else None
         if where is None:
             self.own_bytes += nbytes
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
@@ -110,11 +111,16 @@ class HostStates:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.arena = HostArena(pin=self.cuda)
+        self.arena = HostArena(pin=self.cuda, slab_bytes=SLAB_BYTES if self.cuda else 0)
         self.max_in_flight = max_in_flight
         self._in_flight: deque = deque()  # CUDA events of queued updates, oldest first
         self.moved_bytes = 0  # host <-> GPU traffic so far (both directions)
         self._host: dict[torch.Tensor, dict[str, torch.Tensor]] = {}  # param -> its host moments
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the moments held in host memory."""
+        return sum(nbytes(t) for moments in self._host.values() for t in moments.values())
 
     @staticmethod
     def _moments(p: torch.Tensor, state: dict) -> list[str]:
