@@ -56,15 +56,17 @@ def make_engine(precision: str, lr: float, device: str = "cpu", **train) -> Torc
     return TorchEngine(cfg, model, precision, torch.device(device), "chunked")
 
 
-def train_steps(engine: TorchEngine, steps: range, lr: float) -> list[float]:
-    """One micro-batch per step, seeded per step like chatft's loop; the per-step losses."""
+def train_steps(engine: TorchEngine, steps: range, lr: float, decay: float = 0.0) -> list[float]:
+    """One micro-batch per step, seeded per step like chatft's loop; the per-step losses. The
+    learning rate of step ``s`` is ``lr * (1 - decay * s)``."""
     data, losses = batches(), []
     for step in steps:
         torch.manual_seed(100 + step)  # stochastic rounding draws from it
-        engine.begin_step(lr)
+        rate = lr * (1 - decay * step)
+        engine.begin_step(rate)
         loss_sum, n = engine.forward(data[step % len(data)])
         engine.backward(loss_sum / n, True)
-        engine.step(lr)
+        engine.step(rate)
         losses.append(float(loss_sum.detach() / n))
     return losses
 

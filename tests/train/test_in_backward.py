@@ -62,6 +62,7 @@ def test_host_states_give_the_same_weights_as_device_states(precision, options):
 
 
 CHOICES = {
+    "bf16-masters": ("bf16", {}),  # the default optimizer of bf16 runs
     "8bit": ("fp32", dict(optim="adamw_torch_8bit")),
     "4bit-masters": ("bf16", dict(optim="adamw_torch_4bit")),
     "bf16-sr": ("bf16", dict(master_weights="none")),
@@ -74,15 +75,16 @@ CHOICES = {
 @pytest.mark.parametrize("name", list(CHOICES))
 def test_saved_engine_state_resumes_the_identical_run(name, tmp_path):
     """2 steps, save, a fresh engine loads, 2 more steps == 4 uninterrupted steps, bit for
-    bit: the quantized moments, the per-parameter optimizers and the host copies round-trip."""
+    bit: the quantized moments, the per-parameter optimizers and the host copies round-trip,
+    and the learning rate (decaying here) reaches the loaded optimizers."""
     precision, options = CHOICES[name]
     straight = make_engine(precision, 1e-3, **options)
-    expected = train_steps(straight, range(4), 1e-3)
+    expected = train_steps(straight, range(5), 1e-3, decay=0.2)
     first = make_engine(precision, 1e-3, **options)
-    train_steps(first, range(2), 1e-3)
+    train_steps(first, range(2), 1e-3, decay=0.2)
     first.save(tmp_path, {"step": 2})
     resumed = make_engine(precision, 1e-3, **options)
     assert resumed.load(tmp_path) == {"step": 2}
-    assert train_steps(resumed, range(2, 4), 1e-3) == expected[2:]
+    assert train_steps(resumed, range(2, 5), 1e-3, decay=0.2) == expected[2:]
     ws, wr = weights(straight), weights(resumed)
     assert all(torch.equal(ws[k], wr[k]) for k in ws)

@@ -37,7 +37,6 @@ class InBackwardOptimizer:
         for g in groups:
             for p in g["params"]:
                 self.optimizers[p] = factory([{"params": [p], "weight_decay": g["weight_decay"]}])
-        self.param_groups = [pg for o in self.optimizers.values() for pg in o.param_groups]
         self.states_on_host = states_on_host
         self.host = None
         if states_on_host:
@@ -46,6 +45,11 @@ class InBackwardOptimizer:
             self.host = HostStates(device, max_in_flight)
         self._sq_norm = torch.zeros((), dtype=torch.float32, device=device)
         self._hooks = [p.register_post_accumulate_grad_hook(self._update) for p in self.optimizers]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Read each time: loading a state dict replaces each optimizer's group dicts.
+        return [pg for o in self.optimizers.values() for pg in o.param_groups]
 
     @torch.no_grad()
     def _update(self, p: torch.Tensor) -> None:

@@ -66,7 +66,12 @@ class MasterWeightAdamW:
                     opt = inner([{"params": masters, "weight_decay": group["weight_decay"]}])
                     self.chunks.append((current, masters, opt))
                     current, size = [], 0
-        self.param_groups = [g for _, _, opt in self.chunks for g in opt.param_groups]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Read each time: loading a state dict replaces the chunk optimizers' group dicts, and
+        # the learning rate must be set on the new ones.
+        return [g for _, _, opt in self.chunks for g in opt.param_groups]
 
     @torch.no_grad()
     def step(self, grad_scale: float = 1.0) -> None:
