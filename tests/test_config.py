@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from chatft.config import (SECTIONS, Config, DataArgs, config_from_dict, field_docs, load_config,
-                           options_help, parse_overrides)
+from chatft.config import SECTIONS, Config, DataArgs
+from chatft.config_parse import config_from_dict, field_docs, load_config, options_help, parse_overrides
 from chatft.errors import ConfigError
 
 

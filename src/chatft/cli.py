@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from chatft.config import Config, load_config, options_help
+from chatft.config import Config
+from chatft.config_parse import load_config, options_help
 from chatft.errors import ChatftError
 
 
@@ -109,7 +110,7 @@ def train_config(rest: list[str]) -> Config:
     defaults."""
     from importlib import resources
 
-    from chatft.config import mentions
+    from chatft.config_parse import mentions
 
     config, overrides = _leading_config(rest)
     if config is None and not mentions(overrides, "model.name_or_path", "data.path"):
