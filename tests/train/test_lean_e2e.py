@@ -34,16 +34,16 @@ def _train(model: Path, data: Path, out: Path, name: str, *extra: str):
 
 
 @pytest.mark.parametrize("name", list(CHOICES))
-def test_lean_choice_resumes_the_identical_run(name, tmp_path, tiny_qwen2_dir, huanhuan_small):
+def test_lean_choice_resumes_the_identical_run(name, tmp_path, tiny_qwen2_dir, chat_small):
     full = tmp_path / "full"
-    _train(tiny_qwen2_dir, huanhuan_small, full, name)
+    _train(tiny_qwen2_dir, chat_small, full, name)
     losses = step_losses(full)
     assert len(losses) == 4 and losses[-1] < losses[0]
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("final", "step-000004"))
     (resumed / "checkpoints" / "latest").write_text("step-000002\n")
     (resumed / "metrics.jsonl").write_text("")
-    proc = _train(tiny_qwen2_dir, huanhuan_small, resumed, name, "--resume", "auto")
+    proc = _train(tiny_qwen2_dir, chat_small, resumed, name, "--resume", "auto")
     assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
     assert step_losses(resumed) == losses[2:]
     if name == "lean-24gib":
