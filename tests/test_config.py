@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from chatft.config import (SECTIONS, Config, DataArgs, config_from_dict, field_docs, load_config,
-                           options_help, parse_overrides)
+from chatft.config import SECTIONS, Config, DataArgs
+from chatft.config_parse import config_from_dict, field_docs, load_config, options_help, parse_overrides
 from chatft.errors import ConfigError
 
 
@@ -273,3 +273,10 @@ def test_evaluation_options_that_cannot_work_are_refused_together():
     # the same with the best-model export turned off is a valid plan
     load_config(None, ["--eval_ratio", "0.1", "--eval_steps", "3", "--save_steps", "4",
                        "--load_best_model_at_end", "false"])
+
+
+def test_gguf_export_needs_the_export():
+    assert problems_of(None, ["--export_format", "gguf", "--export", "false"]) == [
+        "train.export_format gguf needs train.export true"]
+    cfg = load_config(None, ["--export_format", "both", "--gguf_quant", "q8_0"])
+    assert (cfg.train.export_format, cfg.train.gguf_quant) == ("both", "q8_0")
