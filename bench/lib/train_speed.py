@@ -24,6 +24,7 @@ here on the same shape through transformers' native Qwen2, a model the current s
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -450,6 +451,21 @@ def _run_tree(cmd: list[str], log: Path, env: dict[str, str], timeout_s: float, 
             {str(i): round(b / GIB, 3) for i, b in sorted(gpu_peak.items())}}
 
 
+def remove_shm_buffers(port: int) -> list[str]:
+    """Remove the ``/dev/shm`` buffers DeepSpeed's CPU all-reduce mapped for the run whose
+    rendezvous was on ``port`` (``deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank>``, ~66 MiB
+    per process). DeepSpeed never removes them, and ``/dev/shm`` is memory: a benchmark or test
+    that runs the recipe many times would otherwise fill the machine's RAM."""
+    removed = []
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def run_tutorial(ctx: BenchContext, out: Path) -> dict[str, Any]:
     """The tutorial's recipe for ``ctx.steps`` steps under DeepSpeed's launcher; the 3-epoch
     time is extrapolated from the step count Trainer plans and the measured step time."""
@@ -459,11 +475,13 @@ def run_tutorial(ctx: BenchContext, out: Path) -> dict[str, Any]:
     for old in out.glob("rank*.json"):
         old.unlink()
     (out / "ds_config.json").write_text(json.dumps(TUTORIAL_DS_CONFIG, indent=4))
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ctx.gpus),
-           "--master_port", str(free_port()), "--module", "bench.lib.train_speed",
+           "--master_port", str(port), "--module", "bench.lib.train_speed",
            "tutorial", "--model", str(ctx.model_dir), "--data", str(ctx.data), "--out", str(out),
            "--steps", str(ctx.steps)] + (["--cpu-smoke"] if ctx.cpu_smoke else [])
     run = _run_tree(cmd, out / "log.txt", ctx.env, ctx.timeout_s, gpus=not ctx.cpu_smoke)
+    remove_shm_buffers(port)
     ranks = sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")),
                    key=lambda r: r["rank"])
     row: dict[str, Any] = {"variant": "tutorial", "command": shlex.join(cmd), **_run_fields(run)}
