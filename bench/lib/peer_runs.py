@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.lib import peer_configs as pc
+from bench.lib.measure import GIB, PEAK_FLOPS
 
-GIB = 1 << 30
-PEAK_FLOPS = 989e12
 HOOK_DIR = Path(__file__).resolve().parents[1] / "peer_hook"
 TOOLS = ("llamafactory", "swift")
 

@@ -42,7 +42,7 @@ IGNORE_INDEX = -100
 _TARGET = "transformers.trainer"
 
 
-def segment_starts_from_mask(mask) -> "torch.Tensor":
+def segment_starts_from_mask(mask):
     """Where samples start in packed rows that carry their boundaries in the attention mask
     instead of position ids, as position-id-like ``[B, T]`` (0 at a start, 1 elsewhere).
     ``mask``: ``[B, 1, T, T]`` block-diagonal causal (LLaMA-Factory's neat packing: float, 0
