@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (installed or not), bench.lib
 
 from bench.lib import environment  # noqa: E402
+from bench.lib import shapes  # noqa: E402
+from bench.lib import tutorial_recipe as recipe  # noqa: E402
 from bench.lib import train_speed as ts  # noqa: E402
 
 GIB = 1 << 30
@@ -124,7 +126,7 @@ def run_row(name: str, model: Path, data: Path, work: Path, steps: int, cap: str
             timeout: float, cpu: bool) -> dict:
     out = work / name
     cmd = [sys.executable, "-m", "chatft", "train", "--model", str(model), "--random_init", "true",
-           "--data", str(data), "--system", ts.TUTORIAL_SYSTEM, "--output_dir", str(out / "run"),
+           "--data", str(data), "--system", recipe.TUTORIAL_SYSTEM, "--output_dir", str(out / "run"),
            "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "0",
            "--export", "false", *LEAN, *ROWS[name]]
     if cap:
@@ -141,7 +143,7 @@ def run_row(name: str, model: Path, data: Path, work: Path, steps: int, cap: str
     if not steps_done:
         return {**row, "status": "failed", "error": ts._log_tail(out / "log.txt", 40)}
     stats = ts.step_stats([s["step_time_s"] for s in steps_done], [s["tokens"] for s in steps_done],
-                          1, ts.n_params(json.loads((model / "config.json").read_text())), warmup=2)
+                          1, shapes.n_params(json.loads((model / "config.json").read_text())), warmup=2)
     last = steps_done[-1]
     row.update(stats)
     row.update({
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="lean8_host", help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--max-gpu-memory", default="24GiB")
-    ap.add_argument("--model-config", default="qwen2-7b", choices=list(ts.MODEL_CONFIGS))
+    ap.add_argument("--model-config", default="qwen2-7b", choices=list(shapes.MODEL_CONFIGS))
     ap.add_argument("--shared", type=Path, default=default_shared())
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/chatft-lean-7b"))
     ap.add_argument("--no-probe", action="store_true")
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = not torch.cuda.is_available()
     label = args.label or ("cpu" if cpu else "h200x1")
-    shape = ts.MODEL_CONFIGS[args.model_config]
-    model = ts.write_model_folder(args.workdir / f"model-{args.model_config}", shape,
+    shape = shapes.MODEL_CONFIGS[args.model_config]
+    model = shapes.write_model_folder(args.workdir / f"model-{args.model_config}", shape,
                                   args.shared / "assets" / "qwen.tiktoken")
     data = args.shared / "data" / "huanhuan.json"
     result = {"benchmark": "lean_7b", "command": shlex.join([sys.executable, *sys.argv]),
