@@ -227,3 +227,14 @@ def test_engine_choice():
     assert load_config(None, ["--zero_stage", "1"]).uses_deepspeed
     assert load_config(None, ["--backend", "deepspeed"]).uses_deepspeed
     assert load_config(None, ["--nproc", "2", "--num_nodes", "2", "--hostfile", "h"]).world_size == 4
+
+
+def test_save_strategy_and_save_steps_agree():
+    assert load_config(None, []).train.save_strategy == "epoch"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--save_strategy", "steps"])
+    assert "save_strategy steps needs train.save_steps >= 1" in str(err.value)
+    with pytest.raises(ConfigError, match="save_steps 5 with train.save_strategy no"):
+        load_config(None, ["--save_strategy", "no", "--save_steps", "5"])
+    with pytest.raises(ConfigError, match="max_bad_steps must be >= 0"):
+        load_config(None, ["--max_bad_steps", "-1"])

@@ -168,14 +168,31 @@ class TrainArgs:
     eval_steps: int = 0
     """Evaluate held-out loss every this many steps (0: only before and after training)."""
 
+    save_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    """When to save a resumable checkpoint: at the end of every epoch (epoch), every
+    save_steps steps (steps), or never (no); epoch and steps also save at the last step."""
+
     save_steps: int = 0
-    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    """Save a checkpoint every this many steps (save_strategy steps needs it > 0; with
+    save_strategy epoch, > 0 adds these saves to the per-epoch ones)."""
 
     save_total_limit: int = 2
-    """Keep at most this many step checkpoints (oldest deleted first)."""
+    """Keep at most this many step checkpoints (oldest deleted first; the newest is never
+    deleted)."""
 
     resume: Optional[str] = None
-    """'auto' continues from the latest checkpoint in output_dir; or a checkpoint folder."""
+    """'auto' continues from the latest checkpoint in output_dir that passes its checks
+    (falling back to older ones, saying so); or a checkpoint folder."""
+
+    resume_force: bool = False
+    """Resume even where the checkpoint was trained with different settings (data, model,
+    batch size, learning rate, seed, ...); without it such a resume is refused, naming each
+    difference."""
+
+    max_bad_steps: int = 5
+    """A step whose loss or gradient norm is not finite is skipped (no update); after this
+    many in a row, training stops naming the step, the learning rate and the last good
+    checkpoint (0: never stop)."""
 
     report_to: Literal["none", "tensorboard"] = "none"
     """Also log to TensorBoard (output_dir/tensorboard)."""
@@ -299,6 +316,13 @@ class Config:
             p.append(f"data.eval_ratio must be in [0, 1) (got {d.eval_ratio})")
         if self.model.checkpoint_layers < -1:
             p.append(f"model.checkpoint_layers must be -1 (all) or >= 0 (got {self.model.checkpoint_layers})")
+        if t.max_bad_steps < 0:
+            p.append(f"train.max_bad_steps must be >= 0 (got {t.max_bad_steps})")
+        if t.save_strategy == "steps" and t.save_steps < 1:
+            p.append("train.save_strategy steps needs train.save_steps >= 1")
+        if t.save_strategy == "no" and t.save_steps > 0:
+            p.append(f"train.save_steps {t.save_steps} with train.save_strategy no: set "
+                     f"save_strategy steps (or epoch) to save, or save_steps 0")
         if t.save_total_limit < 1:
             p.append(f"train.save_total_limit must be >= 1 (got {t.save_total_limit})")
         if ds.zero_stage not in (0, 1, 2, 3):

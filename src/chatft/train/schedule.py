@@ -56,3 +56,19 @@ def lr_at(step: int, *, peak: float, total_steps: int, warmup: int, kind: str) -
     if kind == "cosine":
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr_scheduler_type {kind!r}")
+
+
+def save_due(done: int, length: RunLength, args: TrainArgs) -> bool:
+    """Whether a checkpoint is saved after optimizer step ``done`` (1-based): by
+    ``save_strategy`` (epoch ends, or every ``save_steps``), always at the last step unless
+    ``save_strategy`` is ``no``.
+
+    >>> args = TrainArgs(save_strategy="epoch")
+    >>> [d for d in range(1, 8) if save_due(d, RunLength(8, 3, 7, 0), args)]
+    [3, 6, 7]
+    """
+    if args.save_strategy == "no":
+        return False
+    if done == length.total_steps or (args.save_steps and done % args.save_steps == 0):
+        return True
+    return args.save_strategy == "epoch" and done % length.steps_per_epoch == 0
