@@ -15,6 +15,8 @@ loss by ``world_size`` to turn that average back into the sum.
 
 from __future__ import annotations
 
+import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +26,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from chatft import __version__
 from chatft import checkpoint as ckpt
 from chatft.config import TrainArgs
 from chatft.data.labels import trained_count
 from chatft.data.prepare import TokenizedDataset
 from chatft.train.batching import (CUDA_TOKEN_MULTIPLE, Batch, StepPlan, eval_plans, pack, pad,
                                    plan_step)
+from chatft.train.checkpointing import resume, save_checkpoint
+from chatft.train.divergence import BadStepGuard, bad_step_reason
 from chatft.train.engine import Engine
 from chatft.train.metrics import CURVE_FILE, MetricsLog, plot_loss_curve, say
-from chatft.train.schedule import lr_at, run_length
+from chatft.train.schedule import lr_at, run_length, save_due
+from chatft.train.stopping import Stopped, StopSignals
 
 
 @dataclass
@@ -54,6 +58,7 @@ class RunRecord:
     tokenizer: Any  # saved under model/ with the model's config
     config: dict[str, Any]  # the run's whole configuration (``Config.to_dict()``)
     base_model: str  # what training started from (path or alias)
+    data_key: str | None = None  # the tokenized training data's cache key (what a resume compares)
 
 
 @dataclass
@@ -137,15 +142,7 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
     multiple = CUDA_TOKEN_MULTIPLE if device.type == "cuda" else 1
 
     out = Path(args.output_dir)
-    start_step, resumed_from = 0, None
-    if args.resume:
-        folder = ckpt.latest_checkpoint(out) if args.resume == "auto" else Path(args.resume)
-        if folder is not None:
-            client = engine.load(folder)
-            start_step, resumed_from = int(client["step"]), folder
-            say(f"resumed from {folder} at step {start_step}", rank)
-        else:
-            say(f"resume auto: no checkpoint in {ckpt.checkpoints_dir(out)}, starting fresh", rank)
+    start_step, resumed_from = resume(engine, args, record)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     say(f"{len(train_data.lengths)} training samples, global batch {length.global_batch}, "
@@ -164,39 +161,65 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
         metrics.log({"step": 0, "eval_loss": eval_before})
     step_loss = None
     tokens_done = 0
+    guard = BadStepGuard(args.max_bad_steps)
+    last_good = resumed_from  # the newest checkpoint this run can vouch for
     t0 = time.perf_counter()
-    for step in range(start_step, total_steps):
-        torch.manual_seed(args.seed + step)  # resume-proof randomness (dropout, if any)
-        epoch, in_epoch = divmod(step, per_epoch)
-        plan = plan_step(train_data.lengths, train_data.trained, global_batch=length.global_batch,
-                         seed=args.seed, epoch=epoch, step_in_epoch=in_epoch, world_size=world,
-                         rank=rank, accumulation=args.gradient_accumulation_steps,
-                         micro_batch_tokens=args.micro_batch_tokens)
-        step_start = time.perf_counter()
-        local = run_step(engine, train_data, plan, data.packing, data.pad_id, multiple)
-        lr = lr_at(step, peak=args.learning_rate, total_steps=total_steps,
-                   warmup=length.warmup_steps, kind=args.lr_scheduler_type)
-        if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
-            lr = engine.current_lr()
-        grad_norm = engine.step(lr)
-        step_loss = float(engine.all_reduce_sum(local)) / plan.trained_tokens
-        elapsed = time.perf_counter() - step_start
-        tokens_done += plan.tokens
-        done = step + 1
-        if done % args.logging_steps == 0 or done == total_steps:
-            memory = gpu_memory_peaks(engine)  # every process takes part
-            if rank == 0:
-                metrics.log({"step": done, "epoch": round(step / per_epoch + 1 / per_epoch, 4),
-                             "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                             "tokens": plan.tokens, "trained_tokens": plan.trained_tokens,
-                             "step_time_s": elapsed, "tokens_per_s": plan.tokens / elapsed,
-                             "time": time.time(), **memory})
-        metrics.advance()
-        if eval_data is not None and args.eval_steps and done % args.eval_steps == 0 and done != total_steps:
-            metrics.log({"step": done, "eval_loss": held_out_loss()})
-        if args.save_steps and (done % args.save_steps == 0 or done == total_steps):
-            save_checkpoint(engine, args, done, record)
-    metrics.close()
+    try:
+        with StopSignals(rank) as signals:
+            for step in range(start_step, total_steps):
+                torch.manual_seed(args.seed + step)  # resume-proof randomness (dropout, if any)
+                epoch, in_epoch = divmod(step, per_epoch)
+                plan = plan_step(train_data.lengths, train_data.trained,
+                                 global_batch=length.global_batch, seed=args.seed, epoch=epoch,
+                                 step_in_epoch=in_epoch, world_size=world, rank=rank,
+                                 accumulation=args.gradient_accumulation_steps,
+                                 micro_batch_tokens=args.micro_batch_tokens)
+                step_start = time.perf_counter()
+                local = run_step(engine, train_data, plan, data.packing, data.pad_id, multiple)
+                # One all-reduce before the update: the step's loss (is it finite?) and how many
+                # processes were asked to stop (so all of them stop after this same step).
+                flag = local.new_tensor(float(signals.requested))
+                summed = engine.all_reduce_sum(torch.stack([local, flag]))
+                step_loss = float(summed[0]) / plan.trained_tokens
+                stop = float(summed[1]) > 0
+                lr = lr_at(step, peak=args.learning_rate, total_steps=total_steps,
+                           warmup=length.warmup_steps, kind=args.lr_scheduler_type)
+                if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
+                    lr = engine.current_lr()
+                grad_norm = engine.step(lr, skip=not math.isfinite(step_loss))
+                bad = bad_step_reason(step_loss, grad_norm, engine.precision)
+                guard.observe(step + 1, bad)
+                elapsed = time.perf_counter() - step_start
+                tokens_done += plan.tokens
+                done = step + 1
+                if done % args.logging_steps == 0 or done == total_steps or bad:
+                    memory = gpu_memory_peaks(engine)  # every process takes part
+                    if rank == 0:
+                        metrics.log({"step": done, "epoch": round(step / per_epoch + 1 / per_epoch, 4),
+                                     "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                                     "tokens": plan.tokens, "trained_tokens": plan.trained_tokens,
+                                     "step_time_s": elapsed, "tokens_per_s": plan.tokens / elapsed,
+                                     "time": time.time(), **memory,
+                                     **({"skipped": True, "bad_steps": guard.total} if bad else {})})
+                metrics.advance()
+                if bad:
+                    say(f"step {done}: {bad}: update skipped ({guard.consecutive} in a row; "
+                        f"training stops at {args.max_bad_steps})", rank)
+                    if guard.exhausted:
+                        raise guard.error(done, bad, lr, last_good)
+                if eval_data is not None and args.eval_steps and done % args.eval_steps == 0 \
+                        and done != total_steps and not stop:
+                    metrics.log({"step": done, "eval_loss": held_out_loss()})
+                if save_due(done, length, args) or stop:
+                    if bad:
+                        say(f"step {done}: no checkpoint (its update was skipped)", rank)
+                    elif args.save_strategy != "no":
+                        last_good = save_checkpoint(engine, args, done, record,
+                                                    {"loss": step_loss}) or last_good
+                if stop:
+                    raise _stopped(signals, done, total_steps, last_good, args)
+    finally:
+        metrics.close()
     train_time = time.perf_counter() - t0
 
     eval_after = None
@@ -211,24 +234,16 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
     return TrainResult(total_steps, step_loss, eval_before, eval_after, resumed_from, engine)
 
 
-def save_checkpoint(engine: Engine, args: TrainArgs, step: int, record: RunRecord) -> None:
-    """Every process that writes a part writes it into the partial folder; process 0
-    finalizes."""
-    out = Path(args.output_dir)
-    if engine.rank == 0:
-        ckpt.clean_partials(out)
-    engine.barrier()
-    part = ckpt.partial_path(out, step)
-    client = {"step": step}
-    if engine.writes_checkpoint:
-        engine.save(part, client)
-    engine.barrier()
-    if engine.rank == 0:
-        model_dir = part / "model"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        engine.model.config.save_pretrained(model_dir)
-        record.tokenizer.save_pretrained(model_dir)
-        ckpt.finalize(out, step, {"step": step, "config": record.config, "engine": engine.kind,
-                                  "base_model": record.base_model, "chatft_version": __version__},
-                      args.save_total_limit)
-    engine.barrier()
+def _stopped(signals: StopSignals, done: int, total: int, saved: Path | None,
+             args: TrainArgs) -> Stopped:
+    """The error that ends a run stopped by a signal, saying what was saved."""
+    signum = signals.signum or signal.SIGTERM
+    name = signal.Signals(signum).name if signals.signum else "a signal to another process"
+    if saved is not None and saved.name == ckpt.step_name(done):
+        what = (f"saved checkpoint {saved}; continue with the same command and --resume auto")
+    elif saved is not None:
+        what = f"step {done} was not saved; the newest checkpoint is {saved}"
+    else:
+        what = (f"no checkpoint was saved (save_strategy {args.save_strategy})"
+                if args.save_strategy == "no" else "no checkpoint was saved")
+    return Stopped(f"stopped by {name} after step {done} of {total}: {what}", signum)
