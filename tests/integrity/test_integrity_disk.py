@@ -21,6 +21,7 @@ def test_out_of_space_recognizes_enospc_and_torch_short_writes():
             raise ValueError("wrapped")
     except ValueError as e:
         assert disk.out_of_space(e)
+    assert disk.out_of_space(Exception("No space left on device (os error 28)"))  # tokenizers
     assert not disk.out_of_space(OSError(errno.EACCES, "Permission denied"))
     assert not disk.out_of_space(RuntimeError("CUDA out of memory"))
 

@@ -2,9 +2,10 @@
 
 ``os.replace`` makes a rename atomic for a crash of the process; for a power loss the data of
 every file and the directory entries must also be on the disk before the rename, hence
-:func:`fsync_dir` and :func:`write_durable`. A full disk shows up as ``ENOSPC`` from Python
-or as a bare ``RuntimeError`` from torch's zip writer ("unexpected pos 58399168 vs
-58399056"); :func:`out_of_space` recognizes both so the caller can report free and needed
+:func:`fsync_dir` and :func:`write_durable`. A full disk shows up as ``ENOSPC`` from Python,
+as a bare ``RuntimeError`` from torch's zip writer ("unexpected pos 58399168 vs 58399056"),
+or as a plain ``Exception`` from the tokenizers package ("No space left on device (os error
+28)"); :func:`out_of_space` recognizes all of them so the caller can report free and needed
 bytes instead.
 """
 
@@ -17,8 +18,10 @@ from pathlib import Path
 
 from chatft.errors import ChatftError
 
-#: Phrases of torch's checkpoint writer when a write came up short (its errno is lost).
-_TORCH_SHORT_WRITE = ("unexpected pos", "failed writing", "file write failed", "PytorchStreamWriter")
+#: Phrases of writers that lose the errno: torch's zip writer when a write came up short, and
+#: Rust libraries (the tokenizers package) that raise a plain Exception with the OS's text.
+_SHORT_WRITE = ("unexpected pos", "failed writing", "file write failed", "PytorchStreamWriter",
+                "No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 
 
 class DiskFullError(ChatftError):
@@ -47,7 +50,7 @@ def out_of_space(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_SHORT_WRITE):
+        if any(s in str(exc) for s in _SHORT_WRITE):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
