@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +149,18 @@ def save_checkpoint(engine: Engine, args: TrainArgs, step: int, record: Any,
             engine.model.config.save_pretrained(model_dir)
             record.tokenizer.save_pretrained(model_dir)
 
+    started = time.perf_counter()
     attempt(write)
+    written = time.perf_counter()
     attempt(lambda: manifest.hash_share(part, rank, world))
     final = attempt(lambda: ckpt.finalize(out, step, trainer_state, args.save_total_limit,
                                           world=world) if rank == 0 else None)
     engine.barrier()
-    return final if final is not None else ckpt.checkpoints_dir(out) / name
+    if rank == 0:
+        size = manifest.read_manifest(final)["total_bytes"]
+        say(f"saved {final} ({gb(size)}: written in {written - started:.1f} s, checksummed and "
+            f"synced to disk in {time.perf_counter() - written:.1f} s)")
+    return ckpt.checkpoints_dir(out) / name
 
 
 def resume(engine: Engine, args: TrainArgs, record: Any) -> tuple[int, Path | None]:
@@ -229,8 +236,3 @@ def _check_settings(folder: Path, engine: Engine, record: Any, force: bool) -> N
             f"Resume anyway with --resume_force, or start afresh in another output_dir"))
     say(f"resuming despite different settings (--resume_force):\n  - {listed}", engine.rank)
 
-
-def checkpoint_size(folder: Path) -> str:
-    """The size its manifest records, for messages ("1.2 GB"); empty when unknown."""
-    found = manifest.read_manifest(folder)
-    return gb(found["total_bytes"]) if found and "total_bytes" in found else ""

@@ -344,7 +344,9 @@ class DeepSpeedEngine(_Shared):
         # so DeepSpeed's ZeRO optimizers skip the update through their own overflow path,
         # which also clears their partitioned gradient buffers. x 1.0 changes no bit otherwise,
         # and the factor is computed on the device: no sync per micro-batch.
-        poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+        value = loss.detach()
+        poison = torch.where(torch.isfinite(value), torch.ones_like(value),
+                             torch.full_like(value, float("nan")))
         self.engine.backward(loss * poison, scale_wrt_gas=False)
 
     def step(self, lr: float | None, skip: bool = False) -> float:
