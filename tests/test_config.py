@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from chatft.config import (SECTIONS, Config, DataArgs, config_from_dict, field_docs, load_config,
-                           options_help, parse_overrides)
+from chatft.config import SECTIONS, Config, DataArgs
+from chatft.config_parse import config_from_dict, field_docs, load_config, options_help, parse_overrides
 from chatft.errors import ConfigError
 
 
@@ -238,3 +238,10 @@ def test_save_strategy_and_save_steps_agree():
         load_config(None, ["--save_strategy", "no", "--save_steps", "5"])
     with pytest.raises(ConfigError, match="max_bad_steps must be >= 0"):
         load_config(None, ["--max_bad_steps", "-1"])
+
+
+def test_gguf_export_needs_the_export():
+    assert problems_of(None, ["--export_format", "gguf", "--export", "false"]) == [
+        "train.export_format gguf needs train.export true"]
+    cfg = load_config(None, ["--export_format", "both", "--gguf_quant", "q8_0"])
+    assert (cfg.train.export_format, cfg.train.gguf_quant) == ("both", "q8_0")

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from bench.lib import train_speed as ts
-from chatft.config import load_config
+from chatft.config_parse import load_config
 
 
 def test_qwen2_7b_parameter_count_from_shape():

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from chatft.config import Config
 from chatft.data.prepare import builtin_meta, system_prompt
 from chatft.data.steps import prepare_data
+from chatft.export.gguf import export_after_training
 from chatft.export.hf import export_trained
 from chatft.model.build import build_model, use_liger
 from chatft.model.loading import ModelSource, load_tokenizer, model_config, resolve_model
@@ -117,5 +118,7 @@ def run_job(cfg: Config) -> JobResult:
         questions = [t.ask] if t.ask else builtin_meta(cfg.data.path).get("ask", [])
         if rank == 0 and questions:
             answers = ask(export_dir, questions, device)
+        if rank == 0 and t.export_format != "hf":  # GGUF of the folder (export_format gguf|both)
+            export_after_training(export_dir, t.export_format, t.gguf_quant)
     engine.barrier()
     return JobResult(result, export_dir, answers)

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from chatft.config import config_from_dict
+from chatft.config_parse import config_from_dict
 from chatft.errors import ChatftError
 
 

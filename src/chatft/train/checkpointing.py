@@ -45,7 +45,7 @@ RESUME_SETTINGS = (
     "train.num_train_epochs", "train.max_steps", "train.learning_rate", "train.weight_decay",
     "train.adam_beta1", "train.adam_beta2", "train.adam_epsilon", "train.max_grad_norm",
     "train.lr_scheduler_type", "train.warmup_ratio", "train.warmup_steps", "train.precision",
-    "train.seed",
+    "train.seed", "train.optim", "train.master_weights", "train.optimizer_in_bwd",
 )
 
 

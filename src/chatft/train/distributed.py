@@ -12,6 +12,8 @@ import socket
 
 import torch.distributed as dist
 
+from chatft.train.op_builds import clear_stale_locks
+
 
 def free_port() -> int:
     """A TCP port free on the loopback interface right now (for a rendezvous)."""
@@ -25,6 +27,8 @@ def init_distributed(uses_deepspeed: bool) -> tuple[int, int]:
     one-process group for DeepSpeed); ``(0, 1)`` without DeepSpeed."""
     if not uses_deepspeed:
         return 0, 1
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        clear_stale_locks()  # before DeepSpeed loads its first compiled op
     import deepspeed
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),

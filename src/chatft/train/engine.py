@@ -29,6 +29,7 @@ from chatft.integrity import pickles
 from chatft.train.batching import Batch
 from chatft.train.loss import CausalLMLoss
 from chatft.train.optim import MasterWeightAdamW, adamw, param_groups
+from chatft.train.optim_choice import build_optimizer, set_lr
 
 log = logging.getLogger("chatft")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,6 +58,11 @@ class Engine(TrainedWeights, Protocol):
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate gradients; ``last_micro_batch`` closes the optimizer step's accumulation."""
+        ...
+
+    def begin_step(self, lr: float | None) -> None:
+        """Before a step's first forward: engines that update during the backward pass take
+        the step's learning rate ``lr`` here."""
         ...
 
     def step(self, lr: float | None, skip: bool = False) -> float:
@@ -147,6 +153,10 @@ class _Shared:
         if self.world_size > 1:
             dist.barrier()
 
+    def begin_step(self, lr: float | None) -> None:
+        """Called before a step's first forward; engines that update during the backward pass
+        take the step's learning rate here."""
+
 
 def _all_finite(tensors) -> bool:
     """One device sync for all of them: the flags are and-ed on the device first."""
@@ -170,8 +180,10 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 class TorchEngine(_Shared):
-    """One process, no DeepSpeed. fp32; bf16 weights + fp32 masters; or fp16 autocast with a
-    gradient scaler (fp32 weights)."""
+    """One process, no DeepSpeed. fp32; bf16 weights + fp32 masters (or none, see
+    ``train.master_weights``); or fp16 autocast with a gradient scaler (fp32 weights). The
+    optimizer is the config's choice (:mod:`chatft.train.optim_choice`), stepped here after
+    backward or, with ``optimizer_in_bwd``, during it."""
 
     description = "PyTorch"
     kind = "torch"
@@ -185,13 +197,8 @@ class TorchEngine(_Shared):
         self.model = model.to(device)
         self.wrapper = CausalLMLoss(self.model, fused_kernel)
         groups = param_groups(self.model, args.weight_decay)
-        betas = (args.adam_beta1, args.adam_beta2)
-        if precision == "bf16":
-            self.optimizer: Any = MasterWeightAdamW(groups, lr=args.learning_rate, betas=betas,
-                                                    eps=args.adam_epsilon, device=device)
-        else:
-            self.optimizer = adamw(groups, lr=args.learning_rate, betas=betas,
-                                   eps=args.adam_epsilon, device=device)
+        self.optimizer: Any = build_optimizer(args, groups, precision, device)
+        self.in_backward = args.optimizer_in_bwd
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self._params = [p for g in groups for p in g["params"]]
 
@@ -205,10 +212,18 @@ class TorchEngine(_Shared):
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def begin_step(self, lr: float | None) -> None:
+        if self.in_backward and lr is not None:
+            self.optimizer.set_lr(lr)
+
     def step(self, lr: float | None, skip: bool = False) -> float:
+        if self.in_backward:
+            # The backward pass applied the update already: a bad step cannot be skipped here;
+            # the loop still counts it, stops after max_bad_steps, and never saves
+            # non-finite weights.
+            return self.optimizer.finish_step()
         if lr is not None:
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(self.optimizer.param_groups, lr)
         grads = [p.grad for p in self._params if p.grad is not None]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -246,7 +261,10 @@ class TorchEngine(_Shared):
                     "client_state": client_state}, folder / "engine_state.pt")
 
     def load(self, folder: Path) -> dict:
-        state = pickles.load_data(folder / "engine_state.pt", map_location=self.device)
+        # Optimizer states kept on the host are loaded there (the GPU holds one parameter's
+        # at a time while they move); everything else straight onto the device.
+        where = "cpu" if getattr(self.optimizer, "states_on_host", False) else self.device
+        state = pickles.load_data(folder / "engine_state.pt", map_location=where)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -255,7 +273,7 @@ class TorchEngine(_Shared):
 
     def finite_weights(self) -> bool:
         masters = (self.optimizer.master_state().values()
-                   if isinstance(self.optimizer, MasterWeightAdamW) else ())
+                   if hasattr(self.optimizer, "master_state") else ())
         return _all_finite([*self._params, *masters])
 
     def checkpoint_bytes(self) -> int:
@@ -267,7 +285,7 @@ class TorchEngine(_Shared):
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Trained weights (fp32 masters when training in bf16) on the CPU, cast to ``dtype``
         on the device first when given (half the host memory and copy time for bf16)."""
-        masters = self.optimizer.master_state() if isinstance(self.optimizer, MasterWeightAdamW) else {}
+        masters = self.optimizer.master_state() if hasattr(self.optimizer, "master_state") else {}
         named = dict(self.model.named_parameters(remove_duplicate=False))
         out = {}
         for name, tensor in self.model.state_dict().items():
@@ -278,6 +296,8 @@ class TorchEngine(_Shared):
 
     def release(self) -> None:
         """Drop the optimizer and the model so their device memory can be reused (export)."""
+        if self.in_backward:  # its gradient hooks would keep it alive
+            self.optimizer.remove_hooks()
         self.optimizer = self.wrapper = self.model = None
 
 

@@ -175,6 +175,11 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
                                  accumulation=args.gradient_accumulation_steps,
                                  micro_batch_tokens=args.micro_batch_tokens)
                 step_start = time.perf_counter()
+                lr = lr_at(step, peak=args.learning_rate, total_steps=total_steps,
+                           warmup=length.warmup_steps, kind=args.lr_scheduler_type)
+                if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
+                    lr = engine.current_lr()
+                engine.begin_step(lr)  # an optimizer stepping in backward needs the rate before it
                 local = run_step(engine, train_data, plan, data.packing, data.pad_id, multiple)
                 # One all-reduce before the update: the step's loss (is it finite?) and how many
                 # processes were asked to stop (so all of them stop after this same step).
@@ -182,10 +187,6 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
                 summed = engine.all_reduce_sum(torch.stack([local, flag]))
                 step_loss = float(summed[0]) / plan.trained_tokens
                 stop = float(summed[1]) > 0
-                lr = lr_at(step, peak=args.learning_rate, total_steps=total_steps,
-                           warmup=length.warmup_steps, kind=args.lr_scheduler_type)
-                if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
-                    lr = engine.current_lr()
                 grad_norm = engine.step(lr, skip=not math.isfinite(step_loss))
                 bad = bad_step_reason(step_loss, grad_norm, engine.precision)
                 guard.observe(step + 1, bad)
