@@ -1,4 +1,5 @@
-"""Checkpoint bookkeeping: atomic finalize, ``latest``, rotation, and what a crash leaves."""
+"""Checkpoint bookkeeping: atomic finalize with its manifest, ``latest``, rotation, and what a
+crash leaves."""
 
 from __future__ import annotations
 
@@ -63,3 +64,38 @@ def test_finalize_never_rotates_out_a_protected_checkpoint(tmp_path):
         best = [ckpt.checkpoints_dir(tmp_path) / "step-000002"]
         ckpt.finalize(tmp_path, step, {"step": step}, limit=2, protected=best)
     assert _names(ckpt.complete_checkpoints(tmp_path)) == ["step-000002", "step-000006"]
+
+
+def test_finalize_writes_the_manifest_and_marker_and_no_parts(tmp_path):
+    from chatft.integrity import manifest
+
+    part = ckpt.partial_path(tmp_path, 3)
+    (part / "engine").mkdir(parents=True)
+    (part / "engine" / "shard.pt").write_bytes(b"x" * 100)
+    final = ckpt.finalize(tmp_path, 3, {"step": 3}, limit=2)
+    assert sorted(manifest.read_manifest(final)["files"]) == ["engine/shard.pt", ckpt.STATE_FILE]
+    assert (final / ckpt.MARKER).is_file() and manifest.verify(final) == []
+    assert ckpt.newest_first(tmp_path) == [final]
+
+
+def _paths(tmp_path, *steps):
+    return [tmp_path / ckpt.step_name(s) for s in steps]
+
+
+def test_rotation_keeps_the_newest_the_protected_and_fills_up_to_the_limit(tmp_path):
+    c1, c2, c3, c4, c5 = _paths(tmp_path, 1, 2, 3, 4, 5)
+    every = [c1, c2, c3, c4, c5]
+    assert ckpt.to_delete(every, 2) == [c1, c2, c3]
+    assert ckpt.to_delete(every, 2, {c1}) == [c2, c3, c4]  # best (c1) + newest
+    assert ckpt.to_delete(every, 3, {c2}) == [c1, c3]
+    assert ckpt.to_delete(every, 1, {c1, c3}) == [c2, c4]  # protected ones beyond the limit stay
+    assert ckpt.to_delete(every, 10) == [] and ckpt.to_delete([], 2) == []
+    assert ckpt.to_delete([c1, c2], 1, {c2}) == [c1]
+
+
+def test_finalize_rotation_never_deletes_what_the_caller_protects(tmp_path):
+    for step in (2, 4, 6, 8):
+        ckpt.partial_path(tmp_path, step).mkdir(parents=True)
+        protected = {ckpt.checkpoints_dir(tmp_path) / ckpt.step_name(2)}
+        ckpt.finalize(tmp_path, step, {"step": step}, limit=2, protected=protected)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000002", "step-000008"]

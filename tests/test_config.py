@@ -231,14 +231,14 @@ def test_engine_choice():
 
 def test_evaluation_and_saving_defaults_follow_the_held_out_data():
     """Hugging Face's names; with held-out data: evaluate and save every epoch and export the
-    best checkpoint; without: neither (as before), and save_steps alone means steps."""
+    best checkpoint; without: save every epoch, and save_steps alone means steps."""
     from chatft.config import Schedule
 
     def schedule(*args: str) -> Schedule:
         cfg = load_config(None, list(args))
         return Schedule.of(cfg.train, cfg.data.eval_ratio > 0 or cfg.data.eval_file is not None)
 
-    assert schedule() == Schedule("no", 0, "no", 0, False)
+    assert schedule() == Schedule("no", 0, "epoch", 0, False)
     assert schedule("--save_steps", "5") == Schedule("no", 0, "steps", 5, False)
     assert schedule("--eval_ratio", "0.1") == Schedule("epoch", 0, "epoch", 0, True)
     # eval_steps alone means steps, and the saves follow it
@@ -248,7 +248,7 @@ def test_evaluation_and_saving_defaults_follow_the_held_out_data():
     # saving explicitly off: no best-model export unless asked for (then it is an error)
     assert schedule("--eval_file", "x.json", "--save_strategy", "no") == \
         Schedule("epoch", 0, "no", 0, False)
-    assert schedule("--eval_ratio", "0.1", "--eval_strategy", "no") == Schedule("no", 0, "no", 0, False)
+    assert schedule("--eval_ratio", "0.1", "--eval_strategy", "no") == Schedule("no", 0, "epoch", 0, False)
     assert schedule("--eval_ratio", "0.1", "--load_best_model_at_end", "false").load_best is False
 
 
@@ -264,7 +264,7 @@ def test_evaluation_options_that_cannot_work_are_refused_together():
     assert problems_of(None, ["--eval_ratio", "0.1", "--eval_steps", "3", "--save_steps", "4"]) == [
         "train.load_best_model_at_end needs save_steps a multiple of eval_steps"]
     assert problems_of(None, ["--load_best_model_at_end", "true", "--early_stopping_patience", "1"]) == [
-        "train.load_best_model_at_end needs an eval_strategy and the same save_strategy (got no and no)",
+        "train.load_best_model_at_end needs an eval_strategy and the same save_strategy (got no and epoch)",
         "early_stopping_patience needs evaluation"]
     assert problems_of(None, ["--eval_ratio", "0.1", "--eval_strategy", "steps"]) == [
         "eval_strategy steps needs eval_steps >= 1", "save_strategy steps needs save_steps >= 1"]
@@ -273,6 +273,17 @@ def test_evaluation_options_that_cannot_work_are_refused_together():
     # the same with the best-model export turned off is a valid plan
     load_config(None, ["--eval_ratio", "0.1", "--eval_steps", "3", "--save_steps", "4",
                        "--load_best_model_at_end", "false"])
+
+
+def test_save_strategy_and_save_steps_agree():
+    assert load_config(None, []).train.save_strategy is None  # the schedule's default: epoch
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--save_strategy", "steps"])
+    assert "save_strategy steps needs save_steps >= 1" in str(err.value)
+    with pytest.raises(ConfigError, match="save_steps 5 with train.save_strategy no"):
+        load_config(None, ["--save_strategy", "no", "--save_steps", "5"])
+    with pytest.raises(ConfigError, match="max_bad_steps must be >= 0"):
+        load_config(None, ["--max_bad_steps", "-1"])
 
 
 def test_gguf_export_needs_the_export():

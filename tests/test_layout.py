@@ -22,7 +22,7 @@ PACKAGE = REPO / "src" / "chatft"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors", "config", "config_parse"),
     ("data", "model"),
-    ("checkpoint",),
+    ("checkpoint", "integrity"),
     ("export",),
     ("serve",),
     ("train",),

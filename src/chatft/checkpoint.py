@@ -9,17 +9,21 @@ Layout under ``output_dir/checkpoints``::
         engine/ or engine_state.pt   DeepSpeed's (or the plain engine's) model + optimizer state
         trainer_state.json  step, epoch, data position, config, metrics so far
         model/              model config + tokenizer files + chatft.json (for `chatft export`)
+        MANIFEST.json       size and checksum of every file above (chatft.integrity.manifest)
         COMPLETE            written last
     latest                  text file: "step-000040"
 
 A checkpoint is written into ``step-000040.partial`` and renamed only after every process has
-finished writing and ``COMPLETE`` exists; then ``latest`` is replaced with ``os.replace``.
-A crash at any point leaves ``latest`` naming the previous complete checkpoint; a leftover
-``.partial`` folder is deleted by the next save.
+finished writing, the manifest and ``COMPLETE`` exist and every file and folder is on the disk
+(fsync); then ``latest`` is replaced with ``os.replace``. A crash or a power loss at any point
+leaves ``latest`` naming the previous complete checkpoint; a leftover ``.partial`` folder is
+deleted by the next save.
 
 Rotation (:func:`to_delete`) is one pure function: the checkpoints, ``save_total_limit`` and a
 set of protected ones (the best evaluated checkpoint, which the export may need) in, what to
 delete out. Whoever needs a checkpoint kept adds it to the protected set.
+Training writes no checkpoint whose weights are not finite, so the newest is also the newest
+finite one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import shutil
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
+
+from chatft.integrity import manifest
+from chatft.integrity.disk import fsync_dir, write_durable
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -76,23 +83,27 @@ def to_delete(checkpoints: list[Path], limit: int, protected: Collection[Path] =
     return [p for p in checkpoints if p.name not in keep]
 
 
-def finalize(output_dir: str | Path, step: int, trainer_state: dict[str, Any], limit: int,
-             protected: Collection[Path] = ()) -> Path:
-    """Process 0, after every process wrote its part into the partial folder: write the
-    trainer state and marker, rename into place, point ``latest`` at it, rotate old ones
-    (never one in ``protected``)."""
+def finalize(output_dir: str | Path, step: int, trainer_state: dict[str, Any], limit: int, *,
+             world: int = 1, protected: Collection[Path] = ()) -> Path:
+    """Process 0, after every process wrote its part into the partial folder (and hashed its
+    share, :func:`chatft.integrity.manifest.hash_share`, when ``world`` > 1): write the
+    trainer state, manifest and marker, put them on the disk, rename into place, point
+    ``latest`` at it, rotate old ones (never the new one nor ``protected``)."""
     part = partial_path(output_dir, step)
-    (part / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, ensure_ascii=False),
-                                   encoding="utf-8")
-    (part / MARKER).write_text("ok\n")
-    final = checkpoints_dir(output_dir) / step_name(step)
+    write_durable(part / STATE_FILE, json.dumps(trainer_state, indent=1, ensure_ascii=False))
+    manifest.merge(part, world)
+    write_durable(part / MARKER, "ok\n")
+    fsync_dir(part)
+    root = checkpoints_dir(output_dir)
+    final = root / step_name(step)
     if final.exists():  # re-saving the same step after a resume
         shutil.rmtree(final)
     os.replace(part, final)
-    tmp = checkpoints_dir(output_dir) / "latest.tmp"
-    tmp.write_text(step_name(step) + "\n")
-    os.replace(tmp, checkpoints_dir(output_dir) / "latest")
-    for old in to_delete(complete_checkpoints(output_dir), limit, protected):
+    fsync_dir(root)
+    write_durable(root / "latest.tmp", step_name(step) + "\n")
+    os.replace(root / "latest.tmp", root / "latest")
+    fsync_dir(root)
+    for old in to_delete(complete_checkpoints(output_dir), limit, {final, *protected}):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -117,6 +128,14 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
             return cand
     complete = complete_checkpoints(output_dir)
     return complete[-1] if complete else None
+
+
+def newest_first(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in the order a resume tries them: the one ``latest`` names first
+    (see :func:`latest_checkpoint`), then the others from the newest step down."""
+    complete = complete_checkpoints(output_dir)
+    latest = latest_checkpoint(output_dir)
+    return ([latest] if latest else []) + [p for p in reversed(complete) if p != latest]
 
 
 def read_state(folder: str | Path) -> dict[str, Any]:

@@ -194,14 +194,16 @@ class TrainArgs:
     """With eval_strategy steps: evaluate every this many optimizer steps."""
 
     save_strategy: Optional[Literal["no", "steps", "epoch"]] = None
-    """When to save a resumable checkpoint (and at the end): no, steps (every save_steps),
-    epoch. Default: the eval strategy when evaluating, else steps if save_steps is set."""
+    """When to save a resumable checkpoint (and at the last step): no, steps (every
+    save_steps), epoch. Default: the eval strategy when evaluating, else steps if save_steps
+    is set, else epoch."""
 
     save_steps: int = 0
     """With save_strategy steps: save every this many steps (0: every eval_steps)."""
 
     save_total_limit: int = 2
-    """Keep at most this many step checkpoints (oldest deleted first; never the best)."""
+    """Keep at most this many step checkpoints (oldest deleted first; never the newest nor
+    the best)."""
 
     load_best_model_at_end: Optional[bool] = None
     """Export the evaluated checkpoint with the lowest eval_loss, not the last step. Default:
@@ -217,7 +219,18 @@ class TrainArgs:
     """An evaluation improves only if it beats the best eval_loss by more than this."""
 
     resume: Optional[str] = None
-    """'auto' continues from the latest checkpoint in output_dir; or a checkpoint folder."""
+    """'auto' continues from the latest checkpoint in output_dir that passes its checks
+    (falling back to older ones, saying so); or a checkpoint folder."""
+
+    resume_force: bool = False
+    """Resume even where the checkpoint was trained with different settings (data, model,
+    batch size, learning rate, seed, ...); without it such a resume is refused, naming each
+    difference."""
+
+    max_bad_steps: int = 5
+    """A step whose loss or gradient norm is not finite is skipped (no update); after this
+    many in a row, training stops naming the step, the learning rate and the last good
+    checkpoint (0: never stop)."""
 
     report_to: Literal["none", "tensorboard"] = "none"
     """Also log to TensorBoard (output_dir/tensorboard)."""
@@ -265,7 +278,7 @@ class Schedule:
     @classmethod
     def of(cls, t: TrainArgs, held_out: bool) -> "Schedule":  # held_out: has held-out data
         ev = t.eval_strategy or ("no" if not held_out else "steps" if t.eval_steps else "epoch")
-        save = t.save_strategy or (ev if ev != "no" else "steps" if t.save_steps else "no")
+        save = t.save_strategy or (ev if ev != "no" else "steps" if t.save_steps else "epoch")
         best = t.load_best_model_at_end
         return cls(ev, t.eval_steps, save, t.save_steps or t.eval_steps,
                    ev != "no" and save == ev if best is None else best)
@@ -386,6 +399,13 @@ class Config:
             p.append(f"model.checkpoint_layers must be -1 (all) or >= 0 (got {self.model.checkpoint_layers})")
         held_out = d.eval_ratio > 0 or d.eval_file is not None
         p += Schedule.of(t, held_out).problems(t, held_out)
+        if t.max_bad_steps < 0:
+            p.append(f"train.max_bad_steps must be >= 0 (got {t.max_bad_steps})")
+        if t.save_strategy == "no" and t.save_steps > 0:
+            p.append(f"train.save_steps {t.save_steps} with train.save_strategy no: set "
+                     f"save_strategy steps to save, or save_steps 0")
+        if t.save_total_limit < 1:
+            p.append(f"train.save_total_limit must be >= 1 (got {t.save_total_limit})")
         if ds.zero_stage not in (0, 1, 2, 3):
             p.append(f"deepspeed.zero_stage must be 0, 1, 2 or 3 (got {ds.zero_stage})")
         if ds.offload_param != "none" and ds.zero_stage != 3 and ds.config is None:

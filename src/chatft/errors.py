@@ -12,6 +12,9 @@ class ChatftError(Exception):
     """An error the user can fix; its message says what and where."""
 
     exit_code = 2
+    every_rank = False
+    """True when every training process raises it alike (they agreed on it): only process 0
+    prints it."""
 
 
 class ConfigError(ChatftError):

@@ -185,14 +185,15 @@ def _protocol_members() -> set[str]:
 
 
 def test_the_loop_uses_only_the_engine_protocol():
-    """The loop never asks which engine it has: no isinstance/getattr/hasattr, and every
-    ``engine.X`` it touches is a member of the Engine protocol."""
+    """The loop (and its checkpointing) never asks which engine it has: no
+    isinstance/getattr/hasattr, and every ``engine.X`` it touches is a member of the Engine
+    protocol."""
     import ast
     import inspect
 
-    from chatft.train import loop
+    from chatft.train import checkpointing, loop
 
-    tree = ast.parse(inspect.getsource(loop))
+    tree = ast.parse(inspect.getsource(loop) + "\n" + inspect.getsource(checkpointing))
     asked = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)
              and isinstance(n.func, ast.Name) and n.func.id in ("isinstance", "getattr", "hasattr")}
     assert asked == set()

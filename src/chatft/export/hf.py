@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,8 @@ import torch
 from chatft import checkpoint as ckpt
 from chatft.errors import ChatftError
 from chatft.export.metadata import ChatMeta, write_meta
+from chatft.integrity import manifest, pickles
+from chatft.integrity.pickles import DamagedCheckpointError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROBE = [{"role": "user", "content": "Hello! Who are you, and what do you do? 你好，请介绍一下你自己。"},
@@ -209,20 +212,51 @@ def export_trained(trained: TrainedWeights, tokenizer, out_dir: Path, *, dtype: 
 
 
 def checkpoint_state_dict(folder: Path, engine: str) -> dict[str, torch.Tensor]:
-    """Full-precision weights of a checkpoint, keyed like the transformers model."""
+    """Full-precision weights of a checkpoint, keyed like the transformers model. Nothing in
+    its files can run code (:mod:`chatft.integrity.pickles`)."""
     if engine == "torch":
-        state = torch.load(folder / "engine_state.pt", map_location="cpu", weights_only=False)["model"]
-    elif list((folder / "engine").glob("*optim_states.pt")) and \
-            list((folder / "engine").glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return pickles.load_data(folder / "engine_state.pt")["model"]
+    files = sorted((folder / "engine").glob("*.pt"))
+    with pickles.deepspeed_loading(files):
+        if list((folder / "engine").glob("*optim_states.pt")) and \
+                list((folder / "engine").glob("zero_pp_rank_*")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        wrapped = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine")
-        state = {k.removeprefix("model."): v for k, v in wrapped.items()}
-    else:  # DeepSpeed without ZeRO: the module's own state dict
+            wrapped = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine")
+            return {k.removeprefix("model."): v for k, v in wrapped.items()}
+        # DeepSpeed without ZeRO: the module's own state dict
         module = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)["module"]
-        state = {k.removeprefix("model."): v.float() for k, v in module.items()}
-    return state
+                            weights_only=True)["module"]
+        return {k.removeprefix("model."): v.float() for k, v in module.items()}
+
+
+def checked_checkpoint(path: str | Path) -> Path:
+    """The checkpoint ``chatft export`` reads: ``path`` itself when it is one, else the newest
+    of its run folder whose files match their manifest (saying which were skipped). A damaged
+    checkpoint named explicitly is an error listing what is wrong."""
+    folder = Path(path)
+    if ckpt.is_checkpoint(folder):
+        problems = manifest.verify(folder)
+        if problems:
+            raise DamagedCheckpointError(
+                f"{folder}: the checkpoint is damaged, its files do not match its "
+                f"{manifest.MANIFEST}:\n  - " + "\n  - ".join(map(str, problems)))
+        if manifest.read_manifest(folder) is None:
+            print(f"chatft: warning: {folder} has no {manifest.MANIFEST} (written by an older "
+                  f"chatft): its files cannot be checked", file=sys.stderr, flush=True)
+        return folder
+    candidates = ckpt.newest_first(folder)
+    if not candidates:
+        raise ChatftError(f"{path}: not a chatft checkpoint (no {ckpt.MARKER}) and no "
+                          f"complete checkpoint under {ckpt.checkpoints_dir(folder)}")
+    for cand in candidates:
+        problems = manifest.verify(cand)
+        if not problems:
+            return checked_checkpoint(cand)
+        print(f"chatft: {cand} is damaged, skipping it:\n  - " + "\n  - ".join(map(str, problems)),
+              file=sys.stderr, flush=True)
+    raise DamagedCheckpointError(f"{path}: every checkpoint under {ckpt.checkpoints_dir(folder)} "
+                                 f"is damaged (see above)")
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
@@ -234,13 +268,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
     from chatft.data.prepare import system_prompt
     from chatft.data.render import chat_format
 
-    folder = Path(checkpoint)
-    if not ckpt.is_checkpoint(folder):
-        latest = ckpt.latest_checkpoint(folder)
-        if latest is None:
-            raise ChatftError(f"{checkpoint}: not a chatft checkpoint (no {ckpt.MARKER}) and no "
-                              f"complete checkpoint under {ckpt.checkpoints_dir(folder)}")
-        folder = latest
+    folder = checked_checkpoint(checkpoint)
     trainer = ckpt.read_state(folder)
     cfg = config_from_dict(trainer["config"])
     dtype = dtype or cfg.train.export_dtype

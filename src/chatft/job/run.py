@@ -101,7 +101,7 @@ def run_job(cfg: Config) -> JobResult:
     prepared = prepare_data(cfg.data, tokenizer)  # from the cache the launcher filled
     data = loop.TrainData(prepared.train, prepared.eval, packing=cfg.data.packing,
                           pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    record = loop.RunRecord(tokenizer, cfg.to_dict(), source.label)
+    record = loop.RunRecord(tokenizer, cfg.to_dict(), source.label, data_key=prepared.folder.name)
     length = run_length(cfg.train, len(prepared.train), world)
     with explain_out_of_memory(cfg, prepared.train.lengths):  # out of GPU memory: say what fits
         engine = make_engine(cfg, source, precision, device, length)

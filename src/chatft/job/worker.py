@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from chatft.config_parse import config_from_dict
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict(json.load(f)).validate()
         run.run_job(cfg)
     except ChatftError as e:
-        print(f"chatft: error: {e}", file=sys.stderr)
+        if not e.every_rank or os.environ.get("RANK", "0") == "0":
+            print(f"chatft: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     finally:
         distributed.finish_distributed()

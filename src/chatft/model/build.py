@@ -13,7 +13,9 @@ import logging
 import torch
 
 from chatft.config import ModelArgs
+from chatft.errors import ChatftError
 from chatft.model.loading import ModelSource, model_config
+from chatft.model.weights import check_weights
 
 log = logging.getLogger("chatft")
 
@@ -110,8 +112,14 @@ def load_pretrained(source: ModelSource, *, dtype: torch.dtype, attn_implementat
         return load_qwen1_model(source.folder, dtype=dtype, attn_implementation=attn_implementation,
                                 max_length=max_length)
     extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
-                                                 attn_implementation=attn_implementation, **extra)
+    if not source.gguf_file:
+        check_weights(source.folder)  # a missing or truncated file, named
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
+                                                     attn_implementation=attn_implementation,
+                                                     **extra)
+    except (OSError, ValueError) as e:  # what transformers raises for unreadable folders
+        raise ChatftError(f"{source.label}: cannot load the model: {e}") from None
     if source.gguf_file:  # dequantized on load: a plain model from here on
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from chatft.errors import ChatftError
+from chatft.model.weights import check_weights
 
 log = logging.getLogger("chatft")
 
@@ -237,35 +238,6 @@ def read_qwen1_config(folder: str | Path) -> dict:
     return cfg
 
 
-def weight_files(folder: str | Path) -> list[Path]:
-    """The weight shards of ``folder`` in reading order: from the index json when there is
-    one, else a single ``model.safetensors`` / ``pytorch_model.bin``, else the numbered
-    shards. safetensors is preferred when both formats are present."""
-    folder = Path(folder)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if not index.is_file():
-            continue
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ChatftError(f"{index}: not a weight index (no 'weight_map')") from None
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise ChatftError(f"{index} lists shards that are missing: {', '.join(missing)} "
-                              "(an interrupted download?)")
-        return [folder / n for n in names]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).is_file():
-            return [folder / single]
-    for pattern in ("model-*.safetensors", "pytorch_model-*.bin"):
-        shards = sorted(folder.glob(pattern))
-        if shards:
-            return shards
-    raise ChatftError(f"{folder}: no weights (model*.safetensors or pytorch_model*.bin)")
-
-
 def _read_shard(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
     """The tensors of one shard, one at a time. safetensors reads each tensor on request;
     ``.bin`` shards are memory-mapped, so only the tensor being used is paged in."""
@@ -351,7 +323,7 @@ def iter_converted_tensors(folder: str | Path) -> Iterator[tuple[str, "torch.Ten
     config = qwen2_config_from_qwen1(read_qwen1_config(folder))
     shapes = expected_shapes(config)
     seen: set[str] = set()
-    for path in weight_files(folder):
+    for path in check_weights(folder):
         for name, tensor in _read_shard(path):
             converted = _convert_one(name, tensor, config.hidden_size)
             if converted is None:

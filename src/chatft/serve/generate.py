@@ -30,6 +30,7 @@ import torch
 from chatft.data.render import ChatFormat, chat_format
 from chatft.errors import ChatftError
 from chatft.export.metadata import read_meta
+from chatft.model.weights import check_weights
 from chatft.serve.batch import DecodeBatch, Event, SamplingParams, Sequence
 from chatft.serve.detok import TextStream
 
@@ -210,6 +211,7 @@ def load_chat_model(folder: str | Path, device: str = "auto", dtype: str = "auto
     if problem:
         raise ChatftError(f"{folder} {problem}")
     meta = read_meta(path)
+    check_weights(path)  # a missing or truncated file, named
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from chatft.config import TrainArgs
 from chatft.errors import ChatftError, ConfigError
 from chatft.export.hf import TrainedWeights
+from chatft.integrity import pickles
 from chatft.train.batching import Batch
 from chatft.train.loss import CausalLMLoss
 from chatft.train.optim import MasterWeightAdamW, adamw, param_groups
@@ -80,9 +81,20 @@ class Engine(TrainedWeights, Forward, Protocol):
         the step's learning rate ``lr`` here."""
         ...
 
-    def step(self, lr: float | None) -> float:
+    def step(self, lr: float | None, skip: bool = False) -> float:
         """Clip, update with learning rate ``lr`` (None: keep the scheduler's), zero gradients;
-        returns the global gradient norm before clipping."""
+        returns the global gradient norm before clipping. With ``skip`` (the step's loss is not
+        finite), or when that norm is not finite, there is no update: the gradients are
+        dropped and weights and optimizer state stay as they were (under fp16 the loss
+        scaler decides about the norm, lowering its scale)."""
+        ...
+
+    def finite_weights(self) -> bool:
+        """Whether this process's weights (its partition under ZeRO-3) are all finite."""
+        ...
+
+    def checkpoint_bytes(self) -> int:
+        """About how many bytes this process's part of a checkpoint takes (before writing)."""
         ...
 
     def current_lr(self) -> float:
@@ -93,7 +105,8 @@ class Engine(TrainedWeights, Forward, Protocol):
         ...
 
     def load(self, folder: Path) -> dict:
-        """Restore the state :meth:`save` wrote; returns its ``client_state``."""
+        """Restore the state :meth:`save` wrote; returns its ``client_state``. Nothing in the
+        files can run code (:mod:`chatft.integrity.pickles`)."""
         ...
 
     def load_weights(self, folder: Path) -> None:
@@ -155,10 +168,31 @@ class _Shared:
         if self.world_size > 1:
             dist.barrier()
 
-
     def begin_step(self, lr: float | None) -> None:
         """Called before a step's first forward; engines that update during the backward pass
         take the step's learning rate here."""
+
+
+def _all_finite(tensors) -> bool:
+    """One device sync for all of them: the flags are and-ed on the device first."""
+    ok = None
+    for t in tensors:
+        if t.numel():
+            flag = torch.isfinite(t).all()
+            ok = flag if ok is None else ok & flag.to(ok.device)
+    return True if ok is None else bool(ok)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples (an optimizer's state)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
 
 
 class TorchForward(_Shared):
@@ -207,8 +241,11 @@ class TorchEngine(TorchForward):
         if self.in_backward and lr is not None:
             self.optimizer.set_lr(lr)
 
-    def step(self, lr: float | None) -> float:
-        if self.in_backward:  # the backward pass applied the update
+    def step(self, lr: float | None, skip: bool = False) -> float:
+        if self.in_backward:
+            # The backward pass applied the update already: a bad step cannot be skipped here;
+            # the loop still counts it, stops after max_bad_steps, and never saves
+            # non-finite weights.
             return self.optimizer.finish_step()
         if lr is not None:
             set_lr(self.optimizer.param_groups, lr)
@@ -219,6 +256,11 @@ class TorchEngine(TorchForward):
         norm = torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])) if grads \
             else torch.zeros((), device=self.device)
+        if skip or (self.scaler is None and not torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()  # closes the unscale_ above (and lowers the scale on inf)
+            return float(norm)
         scale = 1.0
         if self.max_grad_norm > 0:
             scale = float(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
@@ -247,7 +289,7 @@ class TorchEngine(TorchForward):
         # Optimizer states kept on the host are loaded there (the GPU holds one parameter's
         # at a time while they move); everything else straight onto the device.
         where = "cpu" if getattr(self.optimizer, "states_on_host", False) else self.device
-        state = torch.load(folder / "engine_state.pt", map_location=where, weights_only=False)
+        state = pickles.load_data(folder / "engine_state.pt", map_location=where)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -267,6 +309,17 @@ class TorchEngine(TorchForward):
                 if master is not None:
                     master.copy_(saved[name])
                 tensor.copy_(saved[name])  # a bf16 weight is its master rounded, as a step does
+
+    def finite_weights(self) -> bool:
+        masters = (self.optimizer.master_state().values()
+                   if hasattr(self.optimizer, "master_state") else ())
+        return _all_finite([*self._params, *masters])
+
+    def checkpoint_bytes(self) -> int:
+        # "model" at full precision (fp32 masters in bf16 runs) + the optimizer's tensors
+        model = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
+                    for t in self.model.state_dict().values())
+        return model + _tensor_bytes(self.optimizer.state_dict())
 
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Trained weights (fp32 masters when training in bf16) on the CPU, cast to ``dtype``
@@ -300,7 +353,7 @@ class DeepSpeedEngine(_Shared):
         self.device, self.precision = device, precision
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         zero = ds_config.get("zero_optimization", {})
-        stage = int(zero.get("stage", 0))
+        stage = self.stage = int(zero.get("stage", 0))
         self.description = f"DeepSpeed ZeRO-{stage}"
         offload = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
         if stage == 3:
@@ -346,22 +399,60 @@ class DeepSpeedEngine(_Shared):
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         # chatft decides the accumulation boundary (micro-batch counts may vary per step).
         self.engine.set_gradient_accumulation_boundary(last_micro_batch)
-        self.engine.backward(loss, scale_wrt_gas=False)
+        # A non-finite loss (an inf can still have finite gradients) makes every gradient NaN,
+        # so DeepSpeed's ZeRO optimizers skip the update through their own overflow path,
+        # which also clears their partitioned gradient buffers. x 1.0 changes no bit otherwise,
+        # and the factor is computed on the device: no sync per micro-batch.
+        value = loss.detach()
+        poison = torch.where(torch.isfinite(value), torch.ones_like(value),
+                             torch.full_like(value, float("nan")))
+        self.engine.backward(loss * poison, scale_wrt_gas=False)
 
-    def step(self, lr: float | None) -> float:
+    def step(self, lr: float | None, skip: bool = False) -> float:
         if lr is not None and not self.lr_managed_externally:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
+        if self.stage == 0 and self.precision != "fp16":
+            # Without ZeRO nothing in DeepSpeed checks the gradients (fp16's optimizer does):
+            # they are whole on every process here, so look before stepping.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])) if grads \
+                else torch.zeros(())
+            if skip or not torch.isfinite(norm):
+                self.engine.zero_grad()
+                return float(norm)
+        # ZeRO 1-3: non-finite gradients (a non-finite loss made them NaN, see backward) make
+        # DeepSpeed's optimizer skip the update and report an infinite norm.
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def finite_weights(self) -> bool:
+        # ZeRO-3 keeps each process's partition in ds_tensor (the parameter itself is empty).
+        return _all_finite([getattr(p, "ds_tensor", p.data) for p in self.model.parameters()])
+
+    def checkpoint_bytes(self) -> int:
+        # The inner optimizer's state (Adam moments) and, under ZeRO, its parameters: this
+        # process's fp32 partitions. Process 0 also writes the model's working weights
+        # (not under ZeRO-3, which partitions them into the optimizer files).
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        total = _tensor_bytes(list(inner.state.values()))
+        if self.stage > 0:
+            total += sum(_tensor_bytes(p.data) for g in inner.param_groups for p in g["params"])
+        elif self.rank != 0:
+            return 0  # without ZeRO, process 0 writes everything
+        if self.rank == 0 and self.stage < 3:
+            total += sum(_tensor_bytes(p.data) for p in self.model.parameters())
+        return total
 
     def save(self, folder: Path, client_state: dict) -> None:
         self.engine.save_checkpoint(str(folder), tag="engine", client_state=client_state,
                                     save_latest=False)
 
     def load(self, folder: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(folder), tag="engine")
+        with pickles.deepspeed_loading(sorted((folder / "engine").glob("*.pt"))):
+            _, client_state = self.engine.load_checkpoint(str(folder), tag="engine")
         if client_state is None:
             raise ChatftError(f"{folder}: DeepSpeed could not load this checkpoint")
         return client_state
@@ -372,9 +463,10 @@ class DeepSpeedEngine(_Shared):
         # weights only in the partitioned optimizer state, so each rank loads its own shard
         # (with the moments: DeepSpeed's only loader of that shard that needs no gathering).
         stage3 = self.engine.zero_optimization_partition_weights()
-        path, _ = self.engine.load_checkpoint(str(folder), tag="engine",
-                                              load_optimizer_states=stage3,
-                                              load_lr_scheduler_states=False)
+        with pickles.deepspeed_loading(sorted((folder / "engine").glob("*.pt"))):
+            path, _ = self.engine.load_checkpoint(str(folder), tag="engine",
+                                                  load_optimizer_states=stage3,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise ChatftError(f"{folder}: DeepSpeed could not load this checkpoint's weights")
 

@@ -17,6 +17,8 @@ loss by ``world_size`` to turn that average back into the sum.
 
 from __future__ import annotations
 
+import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from chatft import __version__
 from chatft import checkpoint as ckpt
 from chatft.config import Schedule, TrainArgs
 from chatft.data.labels import trained_count
@@ -34,10 +35,13 @@ from chatft.data.prepare import TokenizedDataset
 from chatft.errors import ChatftError
 from chatft.train.batching import (CUDA_TOKEN_MULTIPLE, Batch, StepPlan, eval_plans, pack, pad,
                                    plan_step)
+from chatft.train.checkpointing import resume, save_checkpoint
+from chatft.train.divergence import BadStepGuard, bad_step_reason
 from chatft.train.engine import Engine, Forward
 from chatft.train.evaluation import History, due
 from chatft.train.metrics import CURVE_FILE, MetricsLog, plot_loss_curve, say
 from chatft.train.schedule import lr_at, run_length
+from chatft.train.stopping import Stopped, StopSignals
 
 
 @dataclass
@@ -58,6 +62,7 @@ class RunRecord:
     tokenizer: Any  # saved under model/ with the model's config
     config: dict[str, Any]  # the run's whole configuration (``Config.to_dict()``)
     base_model: str  # what training started from (path or alias)
+    data_key: str | None = None  # the tokenized training data's cache key (what a resume compares)
 
 
 @dataclass
@@ -160,18 +165,11 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
 
     out = Path(args.output_dir)
     schedule = Schedule.of(args, held_out=eval_data is not None)
+    start_step, resumed_from = resume(engine, args, record)
     history = History(args.early_stopping_patience, args.early_stopping_threshold)
-    start_step, resumed_from = 0, None
-    if args.resume:
-        folder = ckpt.latest_checkpoint(out) if args.resume == "auto" else Path(args.resume)
-        if folder is not None:
-            client = engine.load(folder)
-            start_step, resumed_from = int(client["step"]), folder
-            history = History.from_dict(ckpt.read_state(folder).get("evaluation"),
-                                        args.early_stopping_patience, args.early_stopping_threshold)
-            say(f"resumed from {folder} at step {start_step}", rank)
-        else:
-            say(f"resume auto: no checkpoint in {ckpt.checkpoints_dir(out)}, starting fresh", rank)
+    if resumed_from is not None:  # the evaluations so far, the best and the patience count
+        history = History.from_dict(ckpt.read_state(resumed_from).get("evaluation"),
+                                    args.early_stopping_patience, args.early_stopping_threshold)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     say(f"{len(train_data.lengths)} training samples, global batch {length.global_batch}, "
@@ -199,56 +197,84 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
     step_loss = None
     tokens_done = 0
     last_step = start_step
+    guard = BadStepGuard(args.max_bad_steps)
+    last_good = resumed_from  # the newest checkpoint this run can vouch for
     t0 = time.perf_counter()
-    for step in range(start_step, end_step):
-        torch.manual_seed(args.seed + step)  # resume-proof randomness (dropout, if any)
-        epoch, in_epoch = divmod(step, per_epoch)
-        plan = plan_step(train_data.lengths, train_data.trained, global_batch=length.global_batch,
-                         seed=args.seed, epoch=epoch, step_in_epoch=in_epoch, world_size=world,
-                         rank=rank, accumulation=args.gradient_accumulation_steps,
-                         micro_batch_tokens=args.micro_batch_tokens)
-        step_start = time.perf_counter()
-        lr = lr_at(step, peak=args.learning_rate, total_steps=total_steps,
-                   warmup=length.warmup_steps, kind=args.lr_scheduler_type)
-        if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
-            lr = engine.current_lr()
-        engine.begin_step(lr)  # an optimizer stepping in backward needs the rate before it
-        local = run_step(engine, train_data, plan, data.packing, data.pad_id, multiple)
-        grad_norm = engine.step(lr)
-        step_loss = float(engine.all_reduce_sum(local)) / plan.trained_tokens
-        elapsed = time.perf_counter() - step_start
-        tokens_done += plan.tokens
-        done = last_step = step + 1
-        if done % args.logging_steps == 0 or done == total_steps:
-            memory = gpu_memory_peaks(engine)  # every process takes part
-            if rank == 0:
-                metrics.log({"step": done, "epoch": round(step / per_epoch + 1 / per_epoch, 4),
-                             "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                             "tokens": plan.tokens, "trained_tokens": plan.trained_tokens,
-                             "step_time_s": elapsed, "tokens_per_s": plan.tokens / elapsed,
-                             "time": time.time(), **memory})
-        metrics.advance()
-        # Evaluate before saving, so the checkpoint's record includes its own evaluation; the
-        # last step always evaluates (held-out data) and saves (a save strategy).
-        saving = schedule.save != "no" and (
-            due(schedule.save, schedule.save_steps, done, per_epoch) or done == total_steps)
-        if eval_data is not None and (due(schedule.eval, schedule.eval_steps, done, per_epoch)
-                                      or done == total_steps):
-            evaluated(done, checkpoint=saving)
-            if history.should_stop and not saving and schedule.save != "no":
-                saving = True  # the run ends here: keep its state
-                history.mark_checkpoint(done)
-        if saving:
-            best = history.best if schedule.load_best else None
-            protected = [ckpt.checkpoints_dir(out) / ckpt.step_name(best.step)] if best else []
-            save_checkpoint(engine, args, done, record, protected,
-                            {"epoch": round(done / per_epoch, 4), "evaluation": history.to_dict()})
-        if history.should_stop:
-            say(f"early stopping at step {done}: {history.bad_evaluations} evaluation(s) in a "
-                f"row without improving eval_loss by more than {args.early_stopping_threshold:g} "
-                f"(early_stopping_patience {args.early_stopping_patience})", rank)
-            break
-    metrics.close()
+    try:
+        with StopSignals(rank) as signals:
+            for step in range(start_step, end_step):
+                torch.manual_seed(args.seed + step)  # resume-proof randomness (dropout, if any)
+                epoch, in_epoch = divmod(step, per_epoch)
+                plan = plan_step(train_data.lengths, train_data.trained,
+                                 global_batch=length.global_batch, seed=args.seed, epoch=epoch,
+                                 step_in_epoch=in_epoch, world_size=world, rank=rank,
+                                 accumulation=args.gradient_accumulation_steps,
+                                 micro_batch_tokens=args.micro_batch_tokens)
+                step_start = time.perf_counter()
+                lr = lr_at(step, peak=args.learning_rate, total_steps=total_steps,
+                           warmup=length.warmup_steps, kind=args.lr_scheduler_type)
+                if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
+                    lr = engine.current_lr()
+                engine.begin_step(lr)  # an optimizer stepping in backward needs the rate before it
+                local = run_step(engine, train_data, plan, data.packing, data.pad_id, multiple)
+                # One all-reduce before the update: the step's loss (is it finite?) and how many
+                # processes were asked to stop (so all of them stop after this same step).
+                flag = local.new_tensor(float(signals.requested))
+                summed = engine.all_reduce_sum(torch.stack([local, flag]))
+                step_loss = float(summed[0]) / plan.trained_tokens
+                stop = float(summed[1]) > 0
+                grad_norm = engine.step(lr, skip=not math.isfinite(step_loss))
+                bad = bad_step_reason(step_loss, grad_norm, engine.precision)
+                guard.observe(step + 1, bad)
+                elapsed = time.perf_counter() - step_start
+                tokens_done += plan.tokens
+                done = last_step = step + 1
+                if done % args.logging_steps == 0 or done == total_steps or bad:
+                    memory = gpu_memory_peaks(engine)  # every process takes part
+                    if rank == 0:
+                        metrics.log({"step": done, "epoch": round(step / per_epoch + 1 / per_epoch, 4),
+                                     "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                                     "tokens": plan.tokens, "trained_tokens": plan.trained_tokens,
+                                     "step_time_s": elapsed, "tokens_per_s": plan.tokens / elapsed,
+                                     "time": time.time(), **memory,
+                                     **({"skipped": True, "bad_steps": guard.total} if bad else {})})
+                metrics.advance()
+                if bad:
+                    say(f"step {done}: {bad}: update skipped ({guard.consecutive} in a row; "
+                        f"training stops at {args.max_bad_steps})", rank)
+                    if guard.exhausted:
+                        raise guard.error(done, bad, lr, last_good)
+                # Evaluate before saving, so the checkpoint's record includes its own evaluation;
+                # the last step always evaluates (held-out data) and saves (a save strategy); a
+                # stop request saves the step it stops after and skips its evaluation.
+                saving = schedule.save != "no" and not bad and (
+                    due(schedule.save, schedule.save_steps, done, per_epoch) or done == total_steps
+                    or stop)
+                if eval_data is not None and not stop and (
+                        due(schedule.eval, schedule.eval_steps, done, per_epoch) or done == total_steps):
+                    evaluated(done, checkpoint=saving)
+                    if history.should_stop and not saving and schedule.save != "no" and not bad:
+                        saving = True  # the run ends here: keep its state
+                        history.mark_checkpoint(done)
+                if bad and (stop or due(schedule.save, schedule.save_steps, done, per_epoch)):
+                    say(f"step {done}: no checkpoint (its update was skipped)", rank)
+                if saving:
+                    best = history.best if schedule.load_best else None
+                    protected = [ckpt.checkpoints_dir(out) / ckpt.step_name(best.step)] if best else []
+                    last_good = save_checkpoint(
+                        engine, args, done, record,
+                        {"loss": step_loss, "epoch": round(done / per_epoch, 4),
+                         "evaluation": history.to_dict()}, protected) or last_good
+                if stop:
+                    raise _stopped(signals, done, total_steps, last_good, schedule.save)
+                if history.should_stop:
+                    say(f"early stopping at step {done}: {history.bad_evaluations} evaluation(s) "
+                        f"in a row without improving eval_loss by more than "
+                        f"{args.early_stopping_threshold:g} (early_stopping_patience "
+                        f"{args.early_stopping_patience})", rank)
+                    break
+    finally:
+        metrics.close()
     train_time = time.perf_counter() - t0
 
     export_step, why = history.export_choice(last_step, round(last_step / per_epoch, 4),
@@ -272,26 +298,16 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
                        export_step, why, export_from)
 
 
-def save_checkpoint(engine: Engine, args: TrainArgs, step: int, record: RunRecord,
-                    protected: list[Path], state: dict[str, Any]) -> None:
-    """Every process that writes a part writes it into the partial folder; process 0
-    finalizes with the trainer ``state`` (epoch, evaluations); rotation keeps ``protected``."""
-    out = Path(args.output_dir)
-    if engine.rank == 0:
-        ckpt.clean_partials(out)
-    engine.barrier()
-    part = ckpt.partial_path(out, step)
-    client = {"step": step}
-    if engine.writes_checkpoint:
-        engine.save(part, client)
-    engine.barrier()
-    if engine.rank == 0:
-        model_dir = part / "model"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        engine.model.config.save_pretrained(model_dir)
-        record.tokenizer.save_pretrained(model_dir)
-        ckpt.finalize(out, step, {"step": step, **state, "config": record.config,
-                                  "engine": engine.kind, "base_model": record.base_model,
-                                  "chatft_version": __version__},
-                      args.save_total_limit, protected)
-    engine.barrier()
+def _stopped(signals: StopSignals, done: int, total: int, saved: Path | None,
+             save_strategy: str) -> Stopped:
+    """The error that ends a run stopped by a signal, saying what was saved."""
+    signum = signals.signum or signal.SIGTERM
+    name = signal.Signals(signum).name if signals.signum else "a signal to another process"
+    if saved is not None and saved.name == ckpt.step_name(done):
+        what = (f"saved checkpoint {saved}; continue with the same command and --resume auto")
+    elif saved is not None:
+        what = f"step {done} was not saved; the newest checkpoint is {saved}"
+    else:
+        what = (f"no checkpoint was saved (save_strategy {save_strategy})"
+                if save_strategy == "no" else "no checkpoint was saved")
+    return Stopped(f"stopped by {name} after step {done} of {total}: {what}", signum)
