@@ -139,6 +139,19 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_universal(args: argparse.Namespace, rest: list[str]) -> int:
+    from chatft import checkpoint as ckpt
+    from chatft.train.reshape import convert_to_universal
+
+    _no_extra("universal", rest)
+    folder = ckpt.latest_checkpoint(args.checkpoint) or args.checkpoint
+    if not ckpt.is_checkpoint(folder):
+        raise ChatftError(f"{args.checkpoint}: not a complete checkpoint or an output folder "
+                          "with one")
+    convert_to_universal(folder, log=lambda m: print(f"chatft: {m}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chatft", description="Full fine-tuning of chat models on your dialogues.",
@@ -195,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype "
                                                                      "(default: the run's export_dtype)")
     e.set_defaults(func=cmd_export)
+
+    u = sub.add_parser("universal", help="make a DeepSpeed checkpoint resumable on any number "
+                                         "of processes",
+                       description="Write DeepSpeed's universal checkpoint (one file per "
+                                   "parameter: weights and Adam moments) into CHECKPOINT/"
+                                   "universal, so it resumes on another number of processes or "
+                                   "ZeRO stage. `chatft train --resume` does this by itself when "
+                                   "the layout changed; run it ahead of time on a machine with "
+                                   "enough memory for the optimizer state.")
+    u.add_argument("checkpoint", help="checkpoint folder, or a run's output_dir (its latest)")
+    u.set_defaults(func=cmd_universal)
 
     c = sub.add_parser("convert", help="convert a Qwen-1 folder to a plain Qwen2 folder",
                        description="Write a Hugging Face Qwen2 folder (config, safetensors "
