@@ -87,6 +87,12 @@ def check_shared_output(output_dir: str, place: Placement, settle_s: float = 5.0
     dist.barrier()
     if place.local_rank == 0:
         mine.unlink(missing_ok=True)
+    dist.barrier()
+    if place.rank == 0:
+        try:
+            folder.rmdir()
+        except OSError:  # another run's marker, or a node that does not share the folder
+            pass
     blind = [f"node {n} (host {h}) does not see the files of node(s) {', '.join(map(str, m))}"
              for n, h, m in every if m]
     if blind:

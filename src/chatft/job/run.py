@@ -124,8 +124,7 @@ def run_job(cfg: Config, place: Placement | None = None) -> JobResult:
     """Train as ``cfg`` says, then export and ask. Every process calls this; ``place`` (None
     for one process) names it in messages and lets it watch the others (heartbeat)."""
     timeout = cfg.launch.ddp_timeout
-    rank, world = init_distributed(cfg.uses_deepspeed, timeout,
-                                   place.where() if place else None)
+    rank, world = init_distributed(cfg.uses_deepspeed, timeout)
     if torch.cuda.is_available():  # collectives of Python objects (below) use this device
         torch.cuda.set_device(training_device())
     with heartbeat.watching(place, timeout):

@@ -34,26 +34,26 @@ def free_port() -> int:
 
 
 def rendezvous_message(error: Exception, rank: int, world: int, addr: str, port: str,
-                       timeout_s: int, where: str) -> str:
+                       timeout_s: int) -> str:
     """What went wrong when process ``rank`` tried to join the group at ``addr:port``."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if rank == 0:
         if "address already in use" in text.lower() or "EADDRINUSE" in text:
-            return (f"{where} cannot host the rendezvous: port {port} on {addr} is in use "
+            return (f"cannot host the rendezvous: port {port} on {addr} is in use "
                     "(another run?); choose another --master_port on every node")
         joined = re.search(r"(\d+)/(\d+) clients joined", text)
         count = (f"{int(joined.group(1))} of {int(joined.group(2))} processes joined"
                  if joined else text)
-        return (f"{where} waited {timeout_s} s (--ddp_timeout) at {addr}:{port} for the "
+        return (f"waited {timeout_s} s (--ddp_timeout) at {addr}:{port} for the "
                 f"{world} processes of the run: {count}. Start `chatft train` on every node "
                 "with the same --nnodes, --master_addr and --master_port (or check that the "
                 "other nodes can reach this address)")
-    return (f"{where} could not reach the master (node 0) at {addr}:{port} within {timeout_s} s "
+    return (f"could not reach the master (node 0) at {addr}:{port} within {timeout_s} s "
             f"(--ddp_timeout): {text}. Check --master_addr and --master_port, that node 0's "
             "`chatft train` is running, and that no firewall blocks the port")
 
 
-def wait_for_master(addr: str, port: int, timeout_s: float, where: str) -> None:
+def wait_for_master(addr: str, port: int, timeout_s: float) -> None:
     """Wait until node 0's rendezvous port accepts connections, for at most ``timeout_s``.
 
     torch's own client retries just as long but logs every failed try with a C++ stack trace;
@@ -64,20 +64,19 @@ def wait_for_master(addr: str, port: int, timeout_s: float, where: str) -> None:
             socket.create_connection((addr, port), timeout=min(5.0, timeout_s)).close()
             return
         except socket.gaierror as e:
-            raise DistributedError(f"{where} cannot resolve the master address {addr!r} "
+            raise DistributedError(f"cannot resolve the master address {addr!r} "
                                    f"(--master_addr): {e.strerror}") from None
         except OSError as e:
             if time.monotonic() > deadline:
                 raise DistributedError(rendezvous_message(
-                    e, 1, 0, addr, str(port), int(timeout_s), where)) from None
+                    e, 1, 0, addr, str(port), int(timeout_s))) from None
             time.sleep(1.0)
 
 
-def init_distributed(uses_deepspeed: bool, timeout_s: int = 1800,
-                     where: str | None = None) -> tuple[int, int]:
+def init_distributed(uses_deepspeed: bool, timeout_s: int = 1800) -> tuple[int, int]:
     """``(rank, world_size)`` after joining the process group the launcher set up (or a
-    one-process group for DeepSpeed); ``(0, 1)`` without DeepSpeed. ``where`` names this
-    process in error messages (default ``rank R``)."""
+    one-process group for DeepSpeed); ``(0, 1)`` without DeepSpeed. Errors name the
+    address and what went wrong; the caller adds which process it was."""
     if not uses_deepspeed:
         return 0, 1
     import deepspeed
@@ -90,12 +89,12 @@ def init_distributed(uses_deepspeed: bool, timeout_s: int = 1800,
     if not dist.is_initialized():
         addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
         if rank > 0:
-            wait_for_master(addr, int(port), timeout_s, where or f"rank {rank}")
+            wait_for_master(addr, int(port), timeout_s)
         try:
             deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout_s))
         except (dist.DistError, OSError, socket.gaierror) as e:
-            raise DistributedError(rendezvous_message(e, rank, world, addr, port, timeout_s,
-                                                      where or f"rank {rank}")) from None
+            raise DistributedError(rendezvous_message(e, rank, world, addr, port,
+                                                      timeout_s)) from None
         unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
 
