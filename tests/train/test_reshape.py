@@ -70,10 +70,10 @@ def test_another_process_count_keeps_the_global_batch_and_loads_the_universal_fo
                                one.gradient_accumulation_steps) == (4, 2)
     assert "keeping the checkpoint's global batch of 8 samples on 1 process(es)" in plan.notes[0]
     four = TrainArgs(per_device_train_batch_size=4)
-    assert plan_resume(folder, four, True, 3, 4).universal  # 4 processes and ZeRO-3
+    assert plan_resume(folder, four, True, 2, 4).universal
     assert four.per_device_train_batch_size == 2
-    # another stage on the same processes: ZeRO-2 shards -> ZeRO-3 through the universal form
-    assert plan_resume(folder, TrainArgs(per_device_train_batch_size=4), True, 3, 2).universal
+    z3 = fake_checkpoint(tmp_path / "z3", engine="deepspeed", world=2, stage=3)
+    assert plan_resume(z3, TrainArgs(per_device_train_batch_size=4), True, 3, 4).universal
 
 
 def test_what_cannot_change_is_refused_naming_the_numbers(tmp_path):
@@ -86,6 +86,8 @@ def test_what_cannot_change_is_refused_naming_the_numbers(tmp_path):
         plan_resume(folder, TrainArgs(per_device_train_batch_size=8), False, 0, 1)
     with pytest.raises(ConfigError, match="not to or from stage 0. Resume with --zero_stage 2"):
         plan_resume(folder, TrainArgs(per_device_train_batch_size=4), True, 0, 2)
+    with pytest.raises(ConfigError, match="not across stages 1-2 <-> 3 .*--zero_stage 2"):
+        plan_resume(folder, TrainArgs(per_device_train_batch_size=4), True, 3, 2)
     plain = fake_checkpoint(tmp_path / "p", engine="torch", world=1, stage=0, per_device=8)
     with pytest.raises(ConfigError, match="written by the plain PyTorch engine") as e:
         plan_resume(plain, TrainArgs(per_device_train_batch_size=4), True, 2, 2)

@@ -40,13 +40,15 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 def start_time(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None
-    when there is no such process (or no /proc)."""
+    when there is no such process, it has exited and waits to be reaped (a zombie: a killed
+    parent whose own parent has not collected it yet), or there is no /proc."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after its last ")".
-    return stat[stat.rindex(")") + 2:].split()[19]
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def parent_env() -> dict[str, str]:
@@ -65,11 +67,17 @@ def _workers(root: int) -> list[int]:
     found = []
     for p in procs:
         try:
-            if WORKER_MODULE in " ".join(p.cmdline()):
+            if is_worker(p.cmdline()):
                 found.append(p.pid)
         except psutil.Error:
             continue
     return found
+
+
+def is_worker(cmdline: list[str]) -> bool:
+    """A worker runs ``python ... -m chatft.job.worker``; DeepSpeed's runner and launcher
+    name the module too (``--module chatft.job.worker``) but are not workers."""
+    return any(a == "-m" and b == WORKER_MODULE for a, b in zip(cmdline, cmdline[1:]))
 
 
 def _kill_group(pgid: int, sig: int) -> None:

@@ -1,4 +1,4 @@
-"""Resuming a checkpoint on another layout: another number of processes or ZeRO stage.
+"""Resuming a checkpoint on another layout: another number of processes (or ZeRO stage 1 <-> 2).
 
 **The trajectory.** The data order and the step count depend on the global batch
 (``per_device x accumulation x processes``, see :mod:`chatft.train.batching`), not on how it
@@ -12,7 +12,7 @@ change of the global batch is refused, naming the numbers to use.
 (stage 3) over the processes that wrote the checkpoint, and DeepSpeed loads such shards only
 on the same number of processes. DeepSpeed's own answer is its *universal checkpoint*:
 ``deepspeed.checkpoint.ds_to_universal`` rewrites the shards as one file per parameter (fp32
-weights, Adam moments), which any number of processes and any ZeRO stage load with
+weights, Adam moments), which any number of processes loads with
 ``"checkpoint": {"load_universal": true}``. :func:`ensure_universal` runs that conversion once
 per checkpoint, into ``step-N/universal`` next to the shards (``chatft universal CHECKPOINT``
 does it ahead of time, e.g. on a machine with more memory).
@@ -141,8 +141,17 @@ def plan_resume(folder: str | Path, train: TrainArgs, uses_deepspeed: bool, zero
             f" and this run uses {'no ZeRO' if zero_stage == 0 else f'ZeRO-{zero_stage}'}: DeepSpeed "
             "converts between ZeRO stages 1-3 (universal checkpoint) but not to or from stage 0. "
             f"Resume with --zero_stage {saved.zero_stage}")
-    if engine == "deepspeed" and saved.zero_stage > 0 and (
-            saved.world_size != world or (saved.zero_stage == 3) != (zero_stage == 3)):
+    if engine == "deepspeed" and (saved.zero_stage == 3) != (zero_stage == 3):
+        # DeepSpeed 0.19.8 loads a universal checkpoint at ZeRO-3 from the model states of
+        # zero_pp_rank_0 (written at ZeRO-3 only) and at stages 1-2 from mp_rank_00 (written
+        # at stages 0-2 only): the universal form does not cross that line.
+        raise ConfigError(
+            f"{folder} was written at ZeRO-{saved.zero_stage} and this run uses ZeRO-{zero_stage}: "
+            "DeepSpeed resumes a checkpoint on another number of processes but not across "
+            f"stages 1-2 <-> 3 (the model states are stored differently). Resume with "
+            f"--zero_stage {saved.zero_stage}, or start a new run from its weights: `chatft "
+            f"export {folder} -o MODEL`, then `chatft train --model MODEL ...`")
+    if engine == "deepspeed" and saved.zero_stage > 0 and saved.world_size != world:
         universal = True
         notes.append(f"{folder} holds ZeRO-{saved.zero_stage} shards of {saved.world_size} "
                      f"process(es); this run has {world} process(es) at ZeRO-{zero_stage}: "
