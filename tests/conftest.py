@@ -7,9 +7,22 @@ import json
 import os
 from pathlib import Path
 
+import sys
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# DeepSpeed's compiled ops are built once per environment into the venv's own folder (inherited
+# by every process a test starts): checkouts with other venvs would otherwise rebuild them into
+# the one shared ~/.cache folder in turn, and a build killed there blocks the others.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+def pytest_sessionstart(session):
+    from chatft.train.op_builds import clear_stale_locks
+
+    clear_stale_locks()
 HUANHUAN_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛."
 
 

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from chatft.config import (SECTIONS, Config, DataArgs, config_from_dict, field_docs, load_config,
-                           options_help, parse_overrides)
+from chatft.config import SECTIONS, Config, DataArgs
+from chatft.config_parse import config_from_dict, field_docs, load_config, options_help, parse_overrides
 from chatft.errors import ConfigError
 
 
@@ -251,3 +251,9 @@ def test_per_node_launch_fields(tmp_path):
     assert problems_of(None, ["--nnodes", "2", "--node_rank", "1", "--hostfile", "h"]) == [
         "launch.node_rank is for per-node launch (--master_addr); with a hostfile node 0 "
         "starts every node"]
+
+def test_gguf_export_needs_the_export():
+    assert problems_of(None, ["--export_format", "gguf", "--export", "false"]) == [
+        "train.export_format gguf needs train.export true"]
+    cfg = load_config(None, ["--export_format", "both", "--gguf_quant", "q8_0"])
+    assert (cfg.train.export_format, cfg.train.gguf_quant) == ("both", "q8_0")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from chatft.config import load_config
+from chatft.config_parse import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

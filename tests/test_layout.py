@@ -20,7 +20,7 @@ PACKAGE = REPO / "src" / "chatft"
 #: top of the file, inside a function (lazy imports save start-up time, they do not lift the
 #: rule) or under TYPE_CHECKING alike. ``__init__`` is the package itself (``__version__``).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "errors", "config"),
+    ("__init__", "errors", "config", "config_parse"),
     ("data", "model"),
     ("checkpoint",),
     ("export",),
@@ -33,7 +33,7 @@ LAYER = {part: n for n, parts in enumerate(LAYERS) for part in parts}
 
 #: The modules that may take the whole Config: they compose every section (the CLI, the job
 #: step and its launcher, the planner's config adapter). Everything else takes its section.
-WHOLE_CONFIG = {"config.py", "cli.py", "job/launch.py", "job/run.py", "train/plan/apply.py"}
+WHOLE_CONFIG = {"config.py", "config_parse.py", "cli.py", "job/launch.py", "job/run.py", "train/plan/apply.py"}
 MAX_LINES = 600
 
 

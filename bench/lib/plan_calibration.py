@@ -160,7 +160,7 @@ def derive_layouts(ms: Measurements, data: Path, tiktoken: Path, workdir: Path
     config's step plan replayed over the real sample lengths (huanhuan rendered by the Qwen
     tokenizer with the run's system prompt and ``max_length``)."""
     from bench.lib.train_speed import write_model_folder
-    from chatft.config import load_config
+    from chatft.config_parse import load_config
 
     folder = write_model_folder(workdir / "qwen2-7b", ms.meta["models"]["qwen2-7b"], tiktoken)
     out = {}
@@ -177,7 +177,7 @@ def job_and_strategy(ms: Measurements, run: MeasuredRun, tokens: int | None = No
                      micro_batches: int | None = None) -> tuple[Job, Strategy]:
     """The planner's view of a run: its config's Job and Strategy, with the kernels of the
     machine it ran on (``kernels`` of the file) rather than this one's."""
-    from chatft.config import load_config
+    from chatft.config_parse import load_config
 
     cfg = load_config(None, run.options)
     job = job_from_config(cfg, ms.meta["models"][run.model], tokens or run.tokens, cfg.world_size,

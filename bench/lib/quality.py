@@ -340,7 +340,7 @@ def held_out_split(overrides: list[str]) -> dict[str, Any]:
     """Tokenize as ``chatft train`` will (filling the cache its runs reuse) and check that the
     held-out samples are exactly the records with index % 10 == 9 and that no record is
     dropped. Raises AssertionError otherwise."""
-    from chatft.config import load_config
+    from chatft.config_parse import load_config
     from chatft.data.labels import trained_count
     from chatft.data.steps import prepare_data, tokenizer_for
 

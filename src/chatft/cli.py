@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from chatft.config import Config, load_config, options_help
+from chatft.config import Config
+from chatft.config_parse import load_config, options_help
 from chatft.errors import ChatftError
 
 
@@ -109,7 +110,7 @@ def train_config(rest: list[str]) -> Config:
     defaults."""
     from importlib import resources
 
-    from chatft.config import mentions
+    from chatft.config_parse import mentions
 
     config, overrides = _leading_config(rest)
     if config is None and not mentions(overrides, "model.name_or_path", "data.path"):
@@ -132,9 +133,17 @@ def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    _no_extra("export", rest)
+    if args.format == "gguf":
+        from chatft.export.gguf import describe, export_gguf, resolve_source
+
+        folder = resolve_source(args.checkpoint, args.dtype)
+        print(describe(export_gguf(folder, args.output, args.quant or "f16")))
+        return 0
     from chatft.export.hf import export_checkpoint
 
-    _no_extra("export", rest)
+    if args.quant:
+        raise ChatftError("export: --quant is for --format gguf")
     export_checkpoint(args.checkpoint, args.output, args.dtype)
     return 0
 
@@ -198,15 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=cmd_plan)
 
-    e = sub.add_parser("export", help="checkpoint -> Hugging Face model folder",
+    e = sub.add_parser("export", help="checkpoint -> Hugging Face model folder, or -> GGUF",
+                       usage="chatft export RUN_OR_FOLDER [--format hf|gguf] [--quant "
+                             "f16|bf16|q8_0] [--out PATH] [--dtype bf16|fp16|fp32]",
                        description="Consolidate a DeepSpeed (ZeRO 0-3) or single-process "
                                    "checkpoint into one Hugging Face model folder, and check it "
-                                   "by reloading it.")
-    e.add_argument("checkpoint", help="checkpoint folder, or a run's output_dir (its latest)")
-    e.add_argument("--output", "-o", help="model folder to write (default: "
-                                          "<output_dir>/export-step-N)")
-    e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype "
-                                                                     "(default: the run's export_dtype)")
+                                   "by reloading it. --format gguf writes one GGUF file for "
+                                   "llama.cpp / Ollama (Qwen2 and Llama/SmolLM2 models) with an "
+                                   "Ollama Modelfile beside it, checked by reading it back.")
+    e.add_argument("checkpoint", metavar="RUN_OR_FOLDER",
+                   help="checkpoint folder, or a run's output_dir (its latest checkpoint); with "
+                        "--format gguf also an exported model folder such as runs/x/final")
+    e.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: Hugging Face folder (default); gguf: one .gguf file")
+    e.add_argument("--quant", choices=["f16", "bf16", "q8_0"],
+                   help="GGUF weight format (default f16; norms stay f32)")
+    e.add_argument("--output", "--out", "-o", help="model folder (hf; default "
+                                                   "<output_dir>/export-step-N) or .gguf file "
+                                                   "(gguf; default <folder>-<quant>.gguf next "
+                                                   "to the model folder)")
+    e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype of the "
+                                                                     "Hugging Face folder "
+                                                                     "(default: the run's "
+                                                                     "export_dtype)")
     e.set_defaults(func=cmd_export)
 
     u = sub.add_parser("universal", help="make a DeepSpeed checkpoint resumable on any number "

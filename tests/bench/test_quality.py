@@ -84,7 +84,7 @@ def test_read_metrics_without_final_eval(tmp_path):
 
 @pytest.mark.parametrize("name", list(q.VARIANTS))
 def test_variant_overrides_reach_the_config(name, tmp_path, chat_alpaca):
-    from chatft.config import load_config
+    from chatft.config_parse import load_config
 
     v = q.VARIANTS[name]
     cfg = load_config(None, q.train_overrides(v, model=Path("m"), data=chat_alpaca, epochs=3,
@@ -102,7 +102,7 @@ def test_variant_overrides_reach_the_config(name, tmp_path, chat_alpaca):
 
 
 def test_micro_batch_cap_sets_max_length(tmp_path, chat_alpaca):
-    from chatft.config import load_config
+    from chatft.config_parse import load_config
 
     cfg = load_config(None, q.train_overrides(q.VARIANTS["recommended"], model=Path("m"),
                                               data=chat_alpaca, epochs=1, precision="fp32",

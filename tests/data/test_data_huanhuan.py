@@ -13,7 +13,8 @@ import unicodedata
 import numpy as np
 import pytest
 
-from chatft.config import DataArgs, load_config
+from chatft.config import DataArgs
+from chatft.config_parse import load_config
 from chatft.data.prepare import DataOptions, prepare
 
 HUANHUAN_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛."

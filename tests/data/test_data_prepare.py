@@ -266,7 +266,7 @@ def test_missing_data_file(qwen_tokenizer, tmp_path):
 
 
 def test_options_from_config():
-    from chatft.config import load_config
+    from chatft.config_parse import load_config
 
     cfg = load_config(None, ["--system", "S", "--max_length", "99", "--skip-bad", "--train_on",
                              "last", "--overlong", "truncate", "--verify_labels", "false"])

@@ -3,7 +3,7 @@ heartbeat's timing and messages."""
 
 from __future__ import annotations
 
-from chatft.config import load_config
+from chatft.config_parse import load_config
 from chatft.job.heartbeat import periods
 from chatft.job.preflight import config_differences
 from chatft.train.distributed import rendezvous_message

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatft.config import load_config
+from chatft.config_parse import load_config
 from chatft.errors import ChatftError
 from chatft.train.plan.apply import (apply_plan, explain_out_of_memory, job_from_config,
                                      micro_batch_layout, out_of_memory_message, token_budget)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from chatft.config import load_config
+from chatft.config_parse import load_config
 from chatft.errors import ConfigError
 from chatft.train.ds_config import fill_auto, generated_config
 from chatft.train.optim import MasterWeightAdamW, param_groups

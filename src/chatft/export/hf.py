@@ -230,7 +230,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path | None = None,
     """``chatft export``: a checkpoint folder (or a run folder: its latest) -> model folder."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from chatft.config import config_from_dict
+    from chatft.config_parse import config_from_dict
     from chatft.data.prepare import system_prompt
     from chatft.data.render import chat_format
 

@@ -21,6 +21,7 @@ from chatft import checkpoint as ckpt
 from chatft.config import Config
 from chatft.data.prepare import builtin_meta, system_prompt
 from chatft.data.steps import prepare_data
+from chatft.export.gguf import export_after_training
 from chatft.export.hf import export_trained
 from chatft.job import heartbeat, preflight
 from chatft.job.cluster import Placement
@@ -175,5 +176,7 @@ def _train_export_ask(cfg: Config, rank: int, world: int) -> JobResult:
         questions = [t.ask] if t.ask else builtin_meta(cfg.data.path).get("ask", [])
         if rank == 0 and questions:
             answers = ask(export_dir, questions, device)
+        if rank == 0 and t.export_format != "hf":  # GGUF of the folder (export_format gguf|both)
+            export_after_training(export_dir, t.export_format, t.gguf_quant)
     engine.barrier()
     return JobResult(result, export_dir, answers)

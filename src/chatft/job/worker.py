@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from chatft.config import config_from_dict
+from chatft.config_parse import config_from_dict
 from chatft.errors import ChatftError
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from chatft.errors import DistributedError
+from chatft.train.op_builds import clear_stale_locks
 
 
 def free_port() -> int:
@@ -79,6 +80,8 @@ def init_distributed(uses_deepspeed: bool, timeout_s: int = 1800) -> tuple[int, 
     address and what went wrong; the caller adds which process it was."""
     if not uses_deepspeed:
         return 0, 1
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        clear_stale_locks()  # before DeepSpeed loads its first compiled op
     import deepspeed
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),

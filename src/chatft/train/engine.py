@@ -28,6 +28,7 @@ from chatft.export.hf import TrainedWeights
 from chatft.train.batching import Batch
 from chatft.train.loss import CausalLMLoss
 from chatft.train.optim import MasterWeightAdamW, adamw, param_groups
+from chatft.train.optim_choice import build_optimizer, set_lr
 
 log = logging.getLogger("chatft")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,6 +57,11 @@ class Engine(TrainedWeights, Protocol):
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate gradients; ``last_micro_batch`` closes the optimizer step's accumulation."""
+        ...
+
+    def begin_step(self, lr: float | None) -> None:
+        """Before a step's first forward: engines that update during the backward pass take
+        the step's learning rate ``lr`` here."""
         ...
 
     def step(self, lr: float | None) -> float:
@@ -136,9 +142,16 @@ class _Shared:
             dist.barrier()
 
 
+    def begin_step(self, lr: float | None) -> None:
+        """Called before a step's first forward; engines that update during the backward pass
+        take the step's learning rate here."""
+
+
 class TorchEngine(_Shared):
-    """One process, no DeepSpeed. fp32; bf16 weights + fp32 masters; or fp16 autocast with a
-    gradient scaler (fp32 weights)."""
+    """One process, no DeepSpeed. fp32; bf16 weights + fp32 masters (or none, see
+    ``train.master_weights``); or fp16 autocast with a gradient scaler (fp32 weights). The
+    optimizer is the config's choice (:mod:`chatft.train.optim_choice`), stepped here after
+    backward or, with ``optimizer_in_bwd``, during it."""
 
     description = "PyTorch"
     kind = "torch"
@@ -152,13 +165,8 @@ class TorchEngine(_Shared):
         self.model = model.to(device)
         self.wrapper = CausalLMLoss(self.model, fused_kernel)
         groups = param_groups(self.model, args.weight_decay)
-        betas = (args.adam_beta1, args.adam_beta2)
-        if precision == "bf16":
-            self.optimizer: Any = MasterWeightAdamW(groups, lr=args.learning_rate, betas=betas,
-                                                    eps=args.adam_epsilon, device=device)
-        else:
-            self.optimizer = adamw(groups, lr=args.learning_rate, betas=betas,
-                                   eps=args.adam_epsilon, device=device)
+        self.optimizer: Any = build_optimizer(args, groups, precision, device)
+        self.in_backward = args.optimizer_in_bwd
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self._params = [p for g in groups for p in g["params"]]
 
@@ -172,10 +180,15 @@ class TorchEngine(_Shared):
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def begin_step(self, lr: float | None) -> None:
+        if self.in_backward and lr is not None:
+            self.optimizer.set_lr(lr)
+
     def step(self, lr: float | None) -> float:
+        if self.in_backward:  # the backward pass applied the update
+            return self.optimizer.finish_step()
         if lr is not None:
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(self.optimizer.param_groups, lr)
         grads = [p.grad for p in self._params if p.grad is not None]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -208,7 +221,10 @@ class TorchEngine(_Shared):
                     "client_state": client_state}, folder / "engine_state.pt")
 
     def load(self, folder: Path) -> dict:
-        state = torch.load(folder / "engine_state.pt", map_location=self.device, weights_only=False)
+        # Optimizer states kept on the host are loaded there (the GPU holds one parameter's
+        # at a time while they move); everything else straight onto the device.
+        where = "cpu" if getattr(self.optimizer, "states_on_host", False) else self.device
+        state = torch.load(folder / "engine_state.pt", map_location=where, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -218,7 +234,7 @@ class TorchEngine(_Shared):
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Trained weights (fp32 masters when training in bf16) on the CPU, cast to ``dtype``
         on the device first when given (half the host memory and copy time for bf16)."""
-        masters = self.optimizer.master_state() if isinstance(self.optimizer, MasterWeightAdamW) else {}
+        masters = self.optimizer.master_state() if hasattr(self.optimizer, "master_state") else {}
         named = dict(self.model.named_parameters(remove_duplicate=False))
         out = {}
         for name, tensor in self.model.state_dict().items():
@@ -229,6 +245,8 @@ class TorchEngine(_Shared):
 
     def release(self) -> None:
         """Drop the optimizer and the model so their device memory can be reused (export)."""
+        if self.in_backward:  # its gradient hooks would keep it alive
+            self.optimizer.remove_hooks()
         self.optimizer = self.wrapper = self.model = None
 
 

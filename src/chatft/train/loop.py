@@ -173,11 +173,12 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
                          rank=rank, accumulation=args.gradient_accumulation_steps,
                          micro_batch_tokens=args.micro_batch_tokens)
         step_start = time.perf_counter()
-        local = run_step(engine, train_data, plan, data.packing, data.pad_id, multiple)
         lr = lr_at(step, peak=args.learning_rate, total_steps=total_steps,
                    warmup=length.warmup_steps, kind=args.lr_scheduler_type)
         if engine.lr_managed_externally:  # a DeepSpeed JSON scheduler sets the rate
             lr = engine.current_lr()
+        engine.begin_step(lr)  # an optimizer stepping in backward needs the rate before it
+        local = run_step(engine, train_data, plan, data.packing, data.pad_id, multiple)
         grad_norm = engine.step(lr)
         step_loss = float(engine.all_reduce_sum(local)) / plan.trained_tokens
         elapsed = time.perf_counter() - step_start

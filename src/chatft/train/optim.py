@@ -7,10 +7,14 @@ precision, without DeepSpeed's extra fp32 gradient copy. It steps the parameters
 (~``chunk_numel`` elements): a chunk's bf16 gradients are upcast, clipped, applied to its
 masters with torch's fused AdamW, and the masters are rounded back into the bf16 weights,
 so only one chunk of fp32 gradients exists at any time. That is what lets a 7B model train
-with its optimizer on one 141 GB GPU.
+with its optimizer on one 141 GB GPU. The optimizer over the masters is torch's AdamW unless
+another one is given (``inner``: e.g. torchao's 8-bit AdamW, see :mod:`chatft.train.optim_choice`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,9 +49,15 @@ class MasterWeightAdamW:
     """AdamW on fp32 master copies of low-precision parameters, stepped chunk by chunk."""
 
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
-                 device: torch.device, chunk_numel: int = MASTER_CHUNK_NUMEL):
-        # chunks: list of (model params, their fp32 masters, an AdamW over the masters)
-        self.chunks: list[tuple[list[nn.Parameter], list[torch.Tensor], torch.optim.AdamW]] = []
+                 device: torch.device, chunk_numel: int = MASTER_CHUNK_NUMEL,
+                 inner: Callable[[list[dict]], Any] | None = None):
+        """``inner(groups)`` builds the optimizer over a chunk's masters (default: torch AdamW
+        with ``lr``, ``betas``, ``eps``)."""
+        if inner is None:
+            def inner(masters_groups: list[dict]) -> torch.optim.AdamW:
+                return adamw(masters_groups, lr=lr, betas=betas, eps=eps, device=device)
+        # chunks: list of (model params, their fp32 masters, the optimizer over the masters)
+        self.chunks: list[tuple[list[nn.Parameter], list[torch.Tensor], Any]] = []
         for group in groups:
             current: list[nn.Parameter] = []
             size = 0
@@ -57,11 +67,15 @@ class MasterWeightAdamW:
                     size += p.numel()
                 if current and (p is None or size >= chunk_numel):
                     masters = [q.detach().float().clone() for q in current]
-                    opt = adamw([{"params": masters, "weight_decay": group["weight_decay"]}],
-                                lr=lr, betas=betas, eps=eps, device=device)
+                    opt = inner([{"params": masters, "weight_decay": group["weight_decay"]}])
                     self.chunks.append((current, masters, opt))
                     current, size = [], 0
-        self.param_groups = [g for _, _, opt in self.chunks for g in opt.param_groups]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Read each time: loading a state dict replaces the chunk optimizers' group dicts, and
+        # the learning rate must be set on the new ones.
+        return [g for _, _, opt in self.chunks for g in opt.param_groups]
 
     @torch.no_grad()
     def step(self, grad_scale: float = 1.0) -> None:
