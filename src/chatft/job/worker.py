@@ -7,7 +7,7 @@ import json
 import sys
 
 from chatft.config_parse import config_from_dict
-from chatft.errors import ChatftError
+from chatft.errors import ChatftError, DistributedError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
                               "the workers; on several nodes that folder must be shared") from None
         run.run_job(cfg, place)
     except ChatftError as e:
-        # No goodbye to the group here: after a peer died, NCCL's teardown may block.
         print(f"chatft: error: {where}: {e}", file=sys.stderr, flush=True)
+        # Leave the group after an error every process met (bad data, a bad config); not after
+        # a peer died or a rendezvous failed: NCCL's teardown may then block.
+        if not isinstance(e, DistributedError):
+            distributed.finish_distributed()
         return e.exit_code
     distributed.finish_distributed()
     return 0
