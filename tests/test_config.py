@@ -172,7 +172,8 @@ def test_range_and_consistency_checks():
         "train.learning_rate must be > 0 (got -1.0)",
         "train.warmup_ratio must be in [0, 1) (got 1.0)",
         "deepspeed.offload_param needs deepspeed.zero_stage 3 (only stage 3 partitions parameters)",
-        "launch.num_nodes > 1 needs launch.hostfile",
+        "launch.num_nodes > 1 needs launch.master_addr (run `chatft train` on every node with "
+        "--node_rank) or launch.hostfile (launch from node 0 over ssh)",
     ]
     assert problems_of(None, ["--micro_batch_tokens", "100"]) == [
         "train.micro_batch_tokens (100) must be >= data.max_length (4096) so every sample fits "
@@ -285,6 +286,29 @@ def test_save_strategy_and_save_steps_agree():
     with pytest.raises(ConfigError, match="max_bad_steps must be >= 0"):
         load_config(None, ["--max_bad_steps", "-1"])
 
+
+
+def test_per_node_launch_fields(tmp_path):
+    cfg = load_config(None, ["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1",
+                             "--nproc", "4", "--ddp_timeout", "60"])
+    la = cfg.launch
+    assert (la.num_nodes, la.node_rank, la.master_addr, la.ddp_timeout) == (2, 1, "10.0.0.1", 60)
+    assert cfg.world_size == 8 and cfg.uses_deepspeed
+    # torchrun's name works in YAML too
+    assert load_config(yaml_file(tmp_path, """
+        launch:
+          nnodes: 3
+          master_addr: node0
+    """)).launch.num_nodes == 3
+    assert problems_of(None, ["--nnodes", "2", "--node_rank", "2", "--master_addr", "h",
+                              "--ddp_timeout", "0", "--master_port", "70000"]) == [
+        "launch.node_rank must be in 0 .. num_nodes-1 = 1 (got 2)",
+        "launch.master_port must be in 1 .. 65535 (got 70000)",
+        "launch.ddp_timeout must be >= 1 second (got 0)",
+    ]
+    assert problems_of(None, ["--nnodes", "2", "--node_rank", "1", "--hostfile", "h"]) == [
+        "launch.node_rank is for per-node launch (--master_addr); with a hostfile node 0 "
+        "starts every node"]
 
 def test_gguf_export_needs_the_export():
     assert problems_of(None, ["--export_format", "gguf", "--export", "false"]) == [

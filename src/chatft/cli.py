@@ -164,6 +164,19 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_universal(args: argparse.Namespace, rest: list[str]) -> int:
+    from chatft import checkpoint as ckpt
+    from chatft.train.reshape import convert_to_universal
+
+    _no_extra("universal", rest)
+    folder = ckpt.latest_checkpoint(args.checkpoint) or args.checkpoint
+    if not ckpt.is_checkpoint(folder):
+        raise ChatftError(f"{args.checkpoint}: not a complete checkpoint or an output folder "
+                          "with one")
+    convert_to_universal(folder, log=lambda m: print(f"chatft: {m}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chatft", description="Full fine-tuning of chat models on your dialogues.",
@@ -253,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit")
     ev.add_argument("--config", help="YAML config file")
     ev.set_defaults(func=cmd_eval)
+
+    u = sub.add_parser("universal", help="make a DeepSpeed checkpoint resumable on any number "
+                                         "of processes",
+                       description="Write DeepSpeed's universal checkpoint (one file per "
+                                   "parameter: weights and Adam moments) into CHECKPOINT/"
+                                   "universal, so it resumes on another number of processes or "
+                                   "ZeRO stage. `chatft train --resume` does this by itself when "
+                                   "the layout changed; run it ahead of time on a machine with "
+                                   "enough memory for the optimizer state.")
+    u.add_argument("checkpoint", help="checkpoint folder, or a run's output_dir (its latest)")
+    u.set_defaults(func=cmd_universal)
 
     c = sub.add_parser("convert", help="convert a Qwen-1 folder to a plain Qwen2 folder",
                        description="Write a Hugging Face Qwen2 folder (config, safetensors "

@@ -323,13 +323,32 @@ class LaunchArgs:
     """Processes per node (one per GPU; on CPU, CPU processes)."""
 
     num_nodes: int = 1
-    """Number of machines (needs hostfile)."""
+    """Number of machines (alias --nnodes). Started either by running `chatft train` on every
+    node with --node_rank and --master_addr, or from node 0 through a hostfile (pdsh/ssh)."""
+
+    node_rank: int = 0
+    """This machine's place among num_nodes (0 .. num_nodes-1) when every node runs its own
+    `chatft train` (per-node launch, no ssh); node 0 hosts the rendezvous."""
+
+    master_addr: Optional[str] = None
+    """Address of node 0 as the other nodes reach it (per-node launch); default 127.0.0.1
+    for one node."""
 
     hostfile: Optional[str] = None
-    """DeepSpeed hostfile listing the machines and their slots."""
+    """DeepSpeed hostfile listing the machines and their slots (launch from node 0 over
+    pdsh/ssh)."""
 
     master_port: Optional[int] = None
-    """Rendezvous port; default: a free one."""
+    """Rendezvous port on node 0; default: a free one on one node, 29500 across nodes."""
+
+    ddp_timeout: int = 1800
+    """Seconds a process waits for the others (rendezvous, a collective operation) before
+    the run stops with an error naming who is missing; a process silent for half of it is
+    reported as dead."""
+
+    stop_timeout: int = 300
+    """Seconds `chatft train` waits, after forwarding SIGINT/SIGTERM to the workers, for them
+    to finish the step and write a checkpoint before it kills them."""
 
 
 SECTIONS: dict[str, type] = {
@@ -417,8 +436,21 @@ class Config:
                      "use backend deepspeed (or auto) for those")
         if ds.config is not None and not Path(ds.config).is_file():
             p.append(f"deepspeed.config: file not found: {ds.config}")
-        if la.num_nodes > 1 and la.hostfile is None:
-            p.append("launch.num_nodes > 1 needs launch.hostfile")
+        if la.num_nodes > 1 and la.hostfile is None and la.master_addr is None:
+            p.append("launch.num_nodes > 1 needs launch.master_addr (run `chatft train` on every "
+                     "node with --node_rank) or launch.hostfile (launch from node 0 over ssh)")
+        if not 0 <= la.node_rank < la.num_nodes:
+            p.append(f"launch.node_rank must be in 0 .. num_nodes-1 = {la.num_nodes - 1} "
+                     f"(got {la.node_rank})")
+        if la.node_rank > 0 and la.hostfile is not None:
+            p.append("launch.node_rank is for per-node launch (--master_addr); with a hostfile "
+                     "node 0 starts every node")
+        if la.master_port is not None and not 1 <= la.master_port <= 65535:
+            p.append(f"launch.master_port must be in 1 .. 65535 (got {la.master_port})")
+        for name, value in (("launch.ddp_timeout", la.ddp_timeout),
+                            ("launch.stop_timeout", la.stop_timeout)):
+            if value < 1:
+                p.append(f"{name} must be >= 1 second (got {value})")
         if t.micro_batch_tokens and t.micro_batch_tokens < d.max_length:
             p.append(f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be >= "
                      f"data.max_length ({d.max_length}) so every sample fits a micro-batch")

@@ -98,7 +98,8 @@ def build_config(values: dict[str, dict[str, Any]], problems: list[str]) -> Conf
 
 
 #: Short names for the options every command takes.
-ALIASES = {"model": "model.name_or_path", "data": "data.path", "deepspeed": "deepspeed.config"}
+ALIASES = {"model": "model.name_or_path", "data": "data.path", "deepspeed": "deepspeed.config",
+           "nnodes": "launch.num_nodes"}
 
 
 def _is_bool_key(key: str, index: dict[str, tuple[str, str]]) -> bool:
@@ -167,6 +168,9 @@ def _yaml_values(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
             problems.append(f"{path}: section {section!r} must be a mapping")
             continue
         for name, value in fields.items():
+            alias = ALIASES.get(name, "").partition(".")
+            if alias[0] == section:  # e.g. launch.nnodes, torchrun's name of num_nodes
+                name = alias[2]
             if name not in _hints(SECTIONS[section]):
                 problems.append(f"{path}: unknown key {section}.{name}")
                 continue

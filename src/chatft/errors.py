@@ -46,3 +46,8 @@ class DataError(ChatftError):
 
 class TemplateError(ChatftError):
     """The model's chat template does not render conversations the way training needs."""
+
+
+class DistributedError(ChatftError):
+    """The processes of a run could not meet (rendezvous), or one of them stopped; the
+    message names the process, its node and the address involved."""

@@ -140,14 +140,22 @@ def test_worker_leaves_the_process_group_also_after_an_error(monkeypatch, tmp_pa
 
     calls = []
 
-    def failing_job(cfg):
-        raise DataError("no sample survived preparation", file="d.json")
+    raised = [DataError("no sample survived preparation", file="d.json")]
+
+    def failing_job(cfg, place=None):
+        raise raised[0]
 
     monkeypatch.setattr(run, "run_job", failing_job)
     monkeypatch.setattr(distributed, "finish_distributed", lambda: calls.append("finished"))
     config_json = tmp_path / "config.json"
     config_json.write_text(json.dumps(load_config(None, []).to_dict()))
     assert worker.main(["--config-json", str(config_json)]) == 2
+    assert calls == ["finished"]
+    # after a peer died the group is not left (NCCL's teardown may block)
+    from chatft.errors import DistributedError
+
+    raised[0] = DistributedError("rank 1 (node 1, host h) stopped beating")
+    worker.main(["--config-json", str(config_json)])
     assert calls == ["finished"]
 
 

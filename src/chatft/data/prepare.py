@@ -9,6 +9,7 @@ sample read, kept, truncated and dropped, by reason.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -257,26 +258,48 @@ def cache_key(path: str, tokenizer, opts: DataOptions) -> str:
 
 
 def prepare(path: str, tokenizer, opts: DataOptions, cache_dir: str | None = None,
-            fmt: ChatFormat | None = None) -> tuple[TokenizedDataset, Path, bool]:
+            fmt: ChatFormat | None = None,
+            cached_only: bool = False) -> tuple[TokenizedDataset, Path, bool]:
     """Tokenized dataset for ``path``: from the cache when the key matches, else built and
-    stored. Returns ``(dataset, cache_folder, was_cached)``."""
+    stored. Returns ``(dataset, cache_folder, was_cached)``.
+
+    Processes that prepare the same file at once (the training processes of a node started
+    by torchrun or srun) take turns on a lock file next to the entry: one tokenizes, the
+    others then read its result. ``cached_only``: a missing entry is an error (a training
+    process whose launcher prepared the data must find it, not tokenize again)."""
     resolved = resolve_data_path(path)
     if not resolved.is_file():
         raise DataError("file not found", file=path)
     folder = cache_root(cache_dir) / cache_key(path, tokenizer, opts)
     if (folder / "data.npz").is_file():
-        ds = TokenizedDataset.load(folder)
-        ds.summary.file = path  # the key holds the file's bytes, not its name
-        return ds, folder, True
-    ds = tokenize_file(path, fmt or chat_format(tokenizer), opts)
+        return _load_cached(folder, path), folder, True
+    if cached_only:
+        raise DataError(f"the prepared (tokenized) data is not in the cache: {folder} does not "
+                        "exist here. `chatft train` prepared it before starting this process; "
+                        "both must see the same cache folder (data.cache_dir, $CHATFT_DATA_CACHE "
+                        "or ~/.cache/chatft/data)", file=path)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    ds.save(tmp)
-    try:
-        os.replace(tmp, folder)  # atomic: a reader sees all of it or none
-    except OSError:  # another process won the race with the same content
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system: the atomic rename below suffices
+            pass
+        if (folder / "data.npz").is_file():  # another process built it while we waited
+            return _load_cached(folder, path), folder, True
+        ds = tokenize_file(path, fmt or chat_format(tokenizer), opts)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        ds.save(tmp)
+        try:
+            os.replace(tmp, folder)  # atomic: a reader sees all of it or none
+        except OSError:  # another process won the race with the same content
+            shutil.rmtree(tmp, ignore_errors=True)
     return ds, folder, False
+
+
+def _load_cached(folder: Path, path: str) -> TokenizedDataset:
+    ds = TokenizedDataset.load(folder)
+    ds.summary.file = path  # the key holds the file's bytes, not its name
+    return ds
 
 
 def split_eval(ds: TokenizedDataset, eval_ratio: float) -> tuple[TokenizedDataset, TokenizedDataset | None]:

@@ -26,13 +26,14 @@ def tokenizer_for(model: ModelArgs):
     return load_tokenizer(resolve_model(model.name_or_path), model.tokenizer)
 
 
-def prepare_data(data: DataArgs, tokenizer) -> PreparedData:
-    """Tokenize (or load from cache) the training file and the held-out data."""
+def prepare_data(data: DataArgs, tokenizer, cached_only: bool = False) -> PreparedData:
+    """Tokenize (or load from cache) the training file and the held-out data; with
+    ``cached_only``, data missing from the cache is an error (see ``prepare``)."""
     opts = DataOptions.from_config(data)
     fmt = chat_format(tokenizer)
-    ds, folder, cached = prepare(data.path, tokenizer, opts, data.cache_dir, fmt)
+    ds, folder, cached = prepare(data.path, tokenizer, opts, data.cache_dir, fmt, cached_only)
     if data.eval_file:
-        held, _, _ = prepare(data.eval_file, tokenizer, opts, data.cache_dir, fmt)
+        held, _, _ = prepare(data.eval_file, tokenizer, opts, data.cache_dir, fmt, cached_only)
         return PreparedData(ds, held, folder, cached)
     train, held = split_eval(ds, data.eval_ratio)
     return PreparedData(train, held, folder, cached)

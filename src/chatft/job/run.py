@@ -9,20 +9,25 @@ the run's questions.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from chatft import checkpoint as ckpt
 from chatft.config import Config
 from chatft.data.prepare import builtin_meta, system_prompt
 from chatft.data.steps import prepare_data
 from chatft.export.gguf import export_after_training
 from chatft.export.hf import export_trained
+from chatft.job import heartbeat, preflight
+from chatft.job.cluster import Placement
 from chatft.model.build import build_model, use_liger
 from chatft.model.loading import ModelSource, load_tokenizer, model_config, resolve_model
-from chatft.train import loop
+from chatft.train import loop, reshape
 from chatft.train.distributed import init_distributed
 from chatft.train.engine import (DTYPES, DeepSpeedEngine, Engine, TorchEngine, resolve_precision,
                                  training_device)
@@ -30,6 +35,9 @@ from chatft.train.metrics import say
 from chatft.train.plan.apply import explain_out_of_memory
 from chatft.train.plan.hardware import parse_size
 from chatft.train.schedule import RunLength, run_length
+
+#: Set by ``chatft train`` for its workers: the host on which it prepared the data.
+PREPARED_ON_ENV = "CHATFT_PREPARED_ON"
 
 
 @dataclass
@@ -39,9 +47,29 @@ class JobResult:
     answers: dict[str, str]  # question -> the exported model's answer (process 0)
 
 
+def deepspeed_config(cfg: Config, source: ModelSource, precision: str, length: RunLength,
+                     universal: bool) -> dict:
+    """The DeepSpeed JSON of this run: generated from the config or the user's own, "auto"
+    values filled; ``universal`` loads the checkpoint's universal form (chatft.train.reshape)."""
+    from chatft.train.ds_config import fill_auto, generated_config, load_user_config
+
+    raw = (load_user_config(cfg.deepspeed.config) if cfg.deepspeed.config
+           else generated_config(cfg.deepspeed, precision))
+    ds_config, warnings = fill_auto(raw, cfg.train, cfg.world_size, precision=precision,
+                                    total_steps=length.total_steps,
+                                    warmup_steps=length.warmup_steps,
+                                    hidden_size=getattr(model_config(source), "hidden_size", None))
+    for w in warnings:
+        say(f"warning: {w}", dist.get_rank())
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return ds_config
+
+
 def make_engine(cfg: Config, source: ModelSource, precision: str, device: torch.device,
-                length: RunLength) -> Engine:
-    """Build the model and wrap it in the engine the config asks for."""
+                ds_config: dict | None) -> Engine:
+    """Build the model and wrap it in the engine the config asks for (DeepSpeed when
+    ``ds_config`` is given)."""
     dtype = DTYPES[precision]
     # fp16 keeps fp32 weights (autocast / DeepSpeed's fp16 optimizer makes the half copies).
     model_dtype = torch.float32 if precision == "fp16" else dtype
@@ -54,19 +82,30 @@ def make_engine(cfg: Config, source: ModelSource, precision: str, device: torch.
                            seed=cfg.train.seed, gradient_checkpointing=gc,
                            max_length=cfg.data.max_length)
 
-    if not cfg.uses_deepspeed:
+    if ds_config is None:
         return TorchEngine(cfg.train, build(device), precision, device, fused)
-    from chatft.train.ds_config import fill_auto, generated_config, load_user_config
-
-    raw = (load_user_config(cfg.deepspeed.config) if cfg.deepspeed.config
-           else generated_config(cfg.deepspeed, precision))
-    ds_config, warnings = fill_auto(raw, cfg.train, cfg.world_size, precision=precision,
-                                    total_steps=length.total_steps,
-                                    warmup_steps=length.warmup_steps,
-                                    hidden_size=getattr(model_config(source), "hidden_size", None))
-    for w in warnings:
-        say(f"warning: {w}", dist.get_rank())
     return DeepSpeedEngine(cfg.train, build, ds_config, precision, device, fused)
+
+
+def resume_layout(cfg: Config, world: int, rank: int) -> bool:
+    """Fit this run to the checkpoint it resumes (same global batch; universal checkpoint
+    for another process count or ZeRO stage); returns whether to load the universal form."""
+    t = cfg.train
+    folder = (ckpt.latest_checkpoint(t.output_dir) if t.resume == "auto"
+              else Path(t.resume) if t.resume else None)
+    if folder is None:
+        return False
+    stage = cfg.deepspeed.zero_stage
+    if cfg.deepspeed.config:
+        from chatft.train.ds_config import load_user_config, zero_stage
+
+        stage = zero_stage(load_user_config(cfg.deepspeed.config))
+    plan = reshape.plan_resume(folder, t, cfg.uses_deepspeed, stage, world)
+    for note in plan.notes:
+        say(note, rank)
+    if plan.universal:
+        reshape.ensure_universal(folder, rank, log=lambda m: say(m, rank))
+    return plan.universal
 
 
 def ask(model: str | Path, questions: list[str], device: torch.device, system: str | None = None,
@@ -84,9 +123,21 @@ def ask(model: str | Path, questions: list[str], device: torch.device, system: s
     return answers
 
 
-def run_job(cfg: Config) -> JobResult:
-    """Train as ``cfg`` says, then export and ask. Every process calls this."""
-    rank, world = init_distributed(cfg.uses_deepspeed)
+def run_job(cfg: Config, place: Placement | None = None) -> JobResult:
+    """Train as ``cfg`` says, then export and ask. Every process calls this; ``place`` (None
+    for one process) names it in messages and lets it watch the others (heartbeat)."""
+    timeout = cfg.launch.ddp_timeout
+    rank, world = init_distributed(cfg.uses_deepspeed, timeout)
+    if torch.cuda.is_available():  # collectives of Python objects (below) use this device
+        torch.cuda.set_device(training_device())
+    with heartbeat.watching(place, timeout):
+        if place is not None and world > 1:
+            preflight.check_same_config(cfg.to_dict(), place)
+            preflight.check_shared_output(cfg.train.output_dir, place)
+        return _train_export_ask(cfg, rank, world)
+
+
+def _train_export_ask(cfg: Config, rank: int, world: int) -> JobResult:
     device = training_device()
     if cfg.train.max_gpu_memory and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -98,13 +149,20 @@ def run_job(cfg: Config) -> JobResult:
         say(note, rank)
     source = resolve_model(cfg.model.name_or_path)
     tokenizer = load_tokenizer(source, cfg.model.tokenizer)
-    prepared = prepare_data(cfg.data, tokenizer)  # from the cache the launcher filled
+    # From the cache the launcher filled on this node; workers on other hosts of a hostfile
+    # (whose launcher ran on node 0) tokenize for their node, one process at a time.
+    prepared = prepare_data(cfg.data, tokenizer,
+                            cached_only=os.environ.get(PREPARED_ON_ENV, socket.gethostname())
+                            == socket.gethostname())
     data = loop.TrainData(prepared.train, prepared.eval, packing=cfg.data.packing,
                           pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    universal = resume_layout(cfg, world, rank)
     record = loop.RunRecord(tokenizer, cfg.to_dict(), source.label, data_key=prepared.folder.name)
     length = run_length(cfg.train, len(prepared.train), world)
     with explain_out_of_memory(cfg, prepared.train.lengths):  # out of GPU memory: say what fits
-        engine = make_engine(cfg, source, precision, device, length)
+        engine = make_engine(cfg, source, precision, device,
+                             deepspeed_config(cfg, source, precision, length, universal)
+                             if cfg.uses_deepspeed else None)
         result = loop.train(engine, data, cfg.train, record)
 
     export_dir, answers = None, {}

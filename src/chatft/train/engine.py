@@ -134,7 +134,8 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | 
 
 def training_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # srun --gpus-per-task shows each process only its own GPU: index 0, not LOCAL_RANK.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -451,8 +452,11 @@ class DeepSpeedEngine(_Shared):
                                     save_latest=False)
 
     def load(self, folder: Path) -> dict:
-        with pickles.deepspeed_loading(sorted((folder / "engine").glob("*.pt"))):
-            _, client_state = self.engine.load_checkpoint(str(folder), tag="engine")
+        # A checkpoint of another process count or ZeRO stage is read from the universal
+        # checkpoint converted next to its shards (see chatft.train.reshape).
+        tag = "universal" if self.engine.load_universal_checkpoint() else "engine"
+        with pickles.deepspeed_loading(sorted((folder / tag).rglob("*.pt"))):
+            _, client_state = self.engine.load_checkpoint(str(folder), tag=tag)
         if client_state is None:
             raise ChatftError(f"{folder}: DeepSpeed could not load this checkpoint")
         return client_state
