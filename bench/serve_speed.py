@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (installed or not), bench.lib
 
 from bench.lib import environment  # noqa: E402
-from bench.lib.train_speed import percentile  # noqa: E402
+from bench.lib.measure import percentile  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 QUESTIONS = [

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (installed or not), bench.lib
 
 from bench.lib import checkout_env, environment  # noqa: E402
+from bench.lib import measure  # noqa: E402
 from bench.lib import train_speed as ts  # noqa: E402
 from chatft.train.plan.hardware import host_memory  # noqa: E402
 
@@ -232,7 +233,7 @@ def main() -> int:
                   "weights": "random"},
         "data": {"path": str(data), "records": len(json.loads(data.read_text(encoding="utf-8")))},
         "settings": {"steps": args.steps, "warmup_steps_excluded": args.warmup_steps,
-                     "chatft_global_batch": args.global_batch, "peak_flops_per_gpu": ts.PEAK_FLOPS,
+                     "chatft_global_batch": args.global_batch, "peak_flops_per_gpu": measure.PEAK_FLOPS,
                      "tutorial_training_args": ts.TUTORIAL_TRAINING_ARGS,
                      "tutorial_max_length": ts.TUTORIAL_MAX_LENGTH,
                      "tutorial_ds_config": ts.TUTORIAL_DS_CONFIG,

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.lib import peer_configs as pc
+from bench.lib.measure import GIB, PEAK_FLOPS
 
-GIB = 1 << 30
-PEAK_FLOPS = 989e12
 HOOK_DIR = Path(__file__).resolve().parents[1] / "peer_hook"
 TOOLS = ("llamafactory", "swift")
 
@@ -236,14 +235,18 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 
 def first_error(path: Path) -> str | None:
-    """The last line of ``path`` that names a Python exception (``SomethingError: ...``)."""
+    """The line of ``path`` that names the root Python exception: an out-of-memory error
+    where there is one (a launcher's own error about its failed child comes after it),
+    else the last ``SomethingError: ...`` line."""
     try:
         lines = path.read_text(errors="replace").replace("\r", "\n").splitlines()
     except OSError:
         return None
     hits = [ln.strip() for ln in lines
             if ("Error:" in ln or "Exception:" in ln) and not ln.lstrip().startswith("File ")]
-    return hits[-1] if hits else None
+    oom = [ln for ln in hits if "OutOfMemoryError" in ln]
+    hit = (oom or hits or [None])[-1 if not oom else 0]
+    return hit[:400] if hit else None
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

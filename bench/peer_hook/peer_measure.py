@@ -42,10 +42,36 @@ IGNORE_INDEX = -100
 _TARGET = "transformers.trainer"
 
 
+def segment_starts_from_mask(mask):
+    """Where samples start in packed rows that carry their boundaries in the attention mask
+    instead of position ids, as position-id-like ``[B, T]`` (0 at a start, 1 elsewhere).
+    ``mask``: ``[B, 1, T, T]`` block-diagonal causal (LLaMA-Factory's neat packing: float, 0
+    where attended, the dtype's minimum where not; or bool) or ``[B, T]`` segment ids
+    (1, 1, 2, 2, ..., 0 on padding). Token i starts a sample when it may not attend to i-1.
+
+    >>> import torch
+    >>> m = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    >>> segment_starts_from_mask(m).tolist()
+    [[0, 1, 0, 1, 1, 0]]
+    """
+    import torch
+
+    if mask.dim() == 4:
+        diag = torch.diagonal(mask[:, 0], offset=-1, dim1=-2, dim2=-1)  # [B, T-1]: (i, i-1)
+        sees_prev = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+        if diag.dtype != torch.bool and not diag.is_floating_point():
+            sees_prev = diag != 0
+    else:
+        sees_prev = (mask[:, 1:] == mask[:, :-1]) & (mask[:, 1:] != 0)  # [B, T-1]
+    first = torch.zeros_like(sees_prev[:, :1], dtype=torch.long)
+    return torch.cat([first, sees_prev.long()], dim=1)
+
+
 def segments(input_ids, position_ids, pad_id: int, labels=None) -> list[tuple[int, int]]:
     """``(length, trained labels)`` of each sample in one batch. ``input_ids``: ``[B, T]``;
     ``position_ids``, ``labels``: ``[B, T]`` or None. Padding (``pad_id``) is dropped first; in
-    what remains a sample starts wherever the position id is 0 (packed rows), or each row is
+    what remains a sample starts wherever the position id is 0 (packed rows; see
+    :func:`segment_starts_from_mask` for rows whose mask marks the boundaries), or each row is
     one sample (no position ids). Trained labels are those that are not -100 (0 without labels).
 
     >>> import torch
@@ -88,22 +114,27 @@ class _Counter:
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
-        self.pending: list[tuple] = []  # (input_ids, position_ids, labels) per micro-batch
+        self.pending: list[tuple] = []  # (input_ids, position_ids, labels, mask) per micro-batch
 
     def record(self, inputs) -> None:
         input_ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
         if input_ids is None:
             return
         pos, labels = inputs.get("position_ids"), inputs.get("labels")
+        mask = inputs.get("attention_mask")
         # Detached references only; read after the step's synchronize (no extra sync here).
         self.pending.append((input_ids.detach(), None if pos is None else pos.detach(),
-                             None if labels is None else labels.detach()))
+                             None if labels is None else labels.detach(),
+                             None if mask is None else mask.detach()))
 
     def drain(self) -> dict:
         nonpad = total = trained = 0
         samples: list[tuple[int, int]] = []
-        for ids, pos, labels in self.pending:
+        for ids, pos, labels, mask in self.pending:
             ids2 = ids.reshape(-1, ids.shape[-1])  # [B, T]
+            if mask is not None and (mask.dim() == 4 or (mask.dim() == 2 and int(mask.max()) > 1)):
+                # Packed rows whose mask holds the boundaries (position ids may run on across them).
+                pos = segment_starts_from_mask(mask)
             pos2 = pos if pos is not None and pos.dim() == 2 else None
             nonpad += int((ids2 != self.pad_id).sum())
             total += ids2.numel()

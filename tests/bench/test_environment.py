@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import chatft
 from bench.lib import environment as env
-from bench.lib.train_speed import gpu_memory_used
+from bench.lib.measure import gpu_memory_used
 from chatft.train.plan.hardware import host_memory
 
 

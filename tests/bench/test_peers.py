@@ -378,3 +378,19 @@ def test_own_eval_losses_one_per_step():
                      {"step": 8, "eval_loss": 1.5}, {"step": 8, "loss": 9.0}]}
     assert peer_quality.own_eval_losses(logs) == [{"step": 4, "eval_loss": 2.0},
                                                    {"step": 8, "eval_loss": 1.5}]
+
+
+def test_segments_from_a_block_diagonal_mask_when_position_ids_run_on():
+    """LLaMA-Factory's neat packing marks sample boundaries in a 4D float mask only; the
+    recorder splits its rows there (position ids that run on across samples are ignored)."""
+    seg = torch.tensor([1, 1, 2, 2, 2, 0])
+    allow = (seg[:, None] == seg[None, :]) & (seg[:, None] != 0) & torch.ones(6, 6).tril().bool()
+    mask = torch.where(allow, 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+    counter = peer_measure._Counter(pad_id=0)
+    counter.record({"input_ids": torch.tensor([[5, 6, 7, 8, 9, 0]]),
+                    "position_ids": torch.arange(6)[None], "attention_mask": mask[None, None],
+                    "labels": torch.tensor([[-100, 6, -100, 8, 9, -100]])})
+    counter.record({"input_ids": torch.tensor([[5, 6, 7, 0]]),
+                    "attention_mask": torch.tensor([[1, 2, 2, 0]])})  # segment ids
+    out = counter.drain()
+    assert out["lengths"] == [2, 3, 1, 2] and out["trained_per_sample"] == [1, 2, 0, 0]

@@ -14,7 +14,9 @@ import torch
 
 import chatft
 from bench.lib import environment
+from bench.lib import phase_run
 from bench.lib import qwen1 as bq
+from bench.lib import qwen1_folder as qf
 from chatft.model import qwen1
 from chatft.model.qwen1 import expected_shapes, iter_converted_tensors, qwen2_config_from_qwen1
 
@@ -22,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_qwen_7b_chat_config_is_the_published_shape():
-    c = bq.QWEN_7B_CHAT
+    c = qf.QWEN_7B_CHAT
     assert (c["model_type"], c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]) \
         == ("qwen", 4096, 32, 32)
     assert (c["intermediate_size"], c["kv_channels"], c["vocab_size"], c["seq_length"]) \
@@ -41,10 +43,10 @@ def test_parameter_count_by_hand():
     # per layer: c_attn 3 x 4096^2 + 3 x 4096 = 50,343,936; c_proj 4096^2 = 16,777,216;
     #   w1 + w2 + mlp.c_proj 3 x 11008 x 4096 = 135,266,304; ln_1 + ln_2 8,192 -> 202,395,648
     # 32 layers = 6,476,660,736; + ln_f 4,096
-    assert bq.n_params(bq.QWEN_7B_CHAT) == 1_244_659_712 + 6_476_660_736 + 4_096 == 7_721_324_544
+    assert qf.n_params(qf.QWEN_7B_CHAT) == 1_244_659_712 + 6_476_660_736 + 4_096 == 7_721_324_544
 
 
-def _converted_shapes(specs: list[bq.TensorSpec], hidden: int) -> dict[str, tuple[int, ...]]:
+def _converted_shapes(specs: list[qf.TensorSpec], hidden: int) -> dict[str, tuple[int, ...]]:
     """What chatft's converter makes of the planned tensors (meta tensors: no memory)."""
     out: dict[str, tuple[int, ...]] = {}
     for spec in specs:
@@ -57,14 +59,14 @@ def _converted_shapes(specs: list[bq.TensorSpec], hidden: int) -> dict[str, tupl
 
 
 def test_full_size_shard_plan_has_exactly_the_tensors_the_converter_expects():
-    cfg = bq.QWEN_7B_CHAT
-    specs = bq.qwen1_tensors(cfg)
+    cfg = qf.QWEN_7B_CHAT
+    specs = qf.qwen1_tensors(cfg)
     assert len(specs) == 2 + 8 * 32 + 1  # wte, lm_head, 8 per layer, ln_f
-    plan = bq.plan_shards(specs, 8)
+    plan = qf.plan_shards(specs, 8)
     assert len(plan) == 8
     assert [s for shard in plan for s in shard] == specs  # every tensor once, in order
     sizes = [sum(s.numel for s in shard) * 2 for shard in plan]
-    total = bq.n_params(cfg) * 2
+    total = qf.n_params(cfg) * 2
     assert sum(sizes) == total == 15_442_649_088
     largest = max(s.numel for s in specs) * 2  # the embeddings, 1.24 GB
     assert all(size <= total / 8 + largest for size in sizes)
@@ -74,19 +76,19 @@ def test_full_size_shard_plan_has_exactly_the_tensors_the_converter_expects():
 
 
 def test_plan_shards_by_hand():
-    a, b, c, d = (bq.TensorSpec(n, (k,), "normal") for n, k in zip("abcd", (1, 1, 1, 1)))
-    assert bq.plan_shards([a, b, c, d], 2, value_bytes=1) == [[a, b], [c, d]]
-    big = bq.TensorSpec("big", (10,), "normal")
+    a, b, c, d = (qf.TensorSpec(n, (k,), "normal") for n, k in zip("abcd", (1, 1, 1, 1)))
+    assert qf.plan_shards([a, b, c, d], 2, value_bytes=1) == [[a, b], [c, d]]
+    big = qf.TensorSpec("big", (10,), "normal")
     # Middle bytes at 5, 10.5, 11.5 of 12: thirds [0, 4), [4, 8), [8, 12) -> shards 1, 2, 2;
     # shard 0 gets nothing and is left out.
-    assert bq.plan_shards([big, a, b], 3, value_bytes=1) == [[big], [a, b]]
-    assert bq.plan_shards([a], 8, value_bytes=1) == [[a]]
+    assert qf.plan_shards([big, a, b], 3, value_bytes=1) == [[big], [a, b]]
+    assert qf.plan_shards([a], 8, value_bytes=1) == [[a]]
     with pytest.raises(ValueError):
-        bq.plan_shards([a], 0)
+        qf.plan_shards([a], 0)
 
 
 def test_pool_random_wraps_around_and_differs_per_tensor():
-    src = bq.PoolRandom(std=0.02, seed=3, pool_values=16)
+    src = qf.PoolRandom(std=0.02, seed=3, pool_values=16)
     pool = src.pool
     assert pool.dtype == torch.bfloat16 and pool.shape == (16,)
     t = src.normal((5, 8), index=1)  # 40 values from a pool of 16: wraps twice
@@ -95,31 +97,31 @@ def test_pool_random_wraps_around_and_differs_per_tensor():
     assert torch.equal(flat[:16 - offset], pool[offset:])
     assert torch.equal(flat[16 - offset:32 - offset], pool)
     assert not torch.equal(src.normal((16,), index=0), src.normal((16,), index=1))
-    assert torch.equal(bq.PoolRandom(0.02, seed=3, pool_values=16).pool, pool)  # seeded
+    assert torch.equal(qf.PoolRandom(0.02, seed=3, pool_values=16).pool, pool)  # seeded
 
 
 def test_tiny_random_folder_converts_and_holds_the_expected_values(tmp_path, qwen_tiktoken):
     folder = tmp_path / "Qwen-7B-Chat"
-    res = bq.write_random_qwen1(folder, bq.TINY, qwen_tiktoken, n_shards=3, device="cpu")
-    assert res.random_device == "cpu" and res.n_params == bq.n_params(bq.TINY)
-    assert res.weight_bytes == 2 * res.n_params and res.n_tensors == len(bq.qwen1_tensors(bq.TINY))
+    res = qf.write_random_qwen1(folder, qf.TINY, qwen_tiktoken, n_shards=3, device="cpu")
+    assert res.random_device == "cpu" and res.n_params == qf.n_params(qf.TINY)
+    assert res.weight_bytes == 2 * res.n_params and res.n_tensors == len(qf.qwen1_tensors(qf.TINY))
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == res.shards
     assert index["metadata"]["total_size"] == res.weight_bytes
-    assert json.loads((folder / "config.json").read_text()) == bq.TINY
+    assert json.loads((folder / "config.json").read_text()) == qf.TINY
     assert (folder / "qwen.tiktoken").read_bytes() == qwen_tiktoken.read_bytes()
     assert not list(tmp_path.glob(".*tmp-*"))  # the temporary folder was renamed
     assert (folder / res.shards[0]).stat().st_mode & 0o044  # readable by others, like mkdir
 
     converted = dict(iter_converted_tensors(folder))  # checks every name and shape
-    assert set(converted) == set(expected_shapes(qwen2_config_from_qwen1(bq.TINY)))
+    assert set(converted) == set(expected_shapes(qwen2_config_from_qwen1(qf.TINY)))
     assert all(t.dtype == torch.bfloat16 for t in converted.values())
     assert torch.equal(converted["model.norm.weight"], torch.ones(64, dtype=torch.bfloat16))
     emb = converted["model.embed_tokens.weight"].float()
     assert emb.std().item() == pytest.approx(0.02, rel=0.05) and abs(emb.mean().item()) < 1e-3
 
     with pytest.raises(FileExistsError):
-        bq.write_random_qwen1(folder, bq.TINY, qwen_tiktoken, n_shards=3, device="cpu")
+        qf.write_random_qwen1(folder, qf.TINY, qwen_tiktoken, n_shards=3, device="cpu")
 
 
 def test_train_command_is_the_one_gpu_recommended_job():
@@ -135,8 +137,8 @@ def test_train_command_is_the_one_gpu_recommended_job():
     assert "--random_init" not in args  # the folder's own weights, converted in memory
 
 
-def _fake_run(lines: list[tuple[float, str]], start: float = 1000.0) -> bq.PhaseRun:
-    return bq.PhaseRun(command=["chatft", "train"], returncode=0, timed_out=False, wall_s=90.0,
+def _fake_run(lines: list[tuple[float, str]], start: float = 1000.0) -> phase_run.PhaseRun:
+    return phase_run.PhaseRun(command=["chatft", "train"], returncode=0, timed_out=False, wall_s=90.0,
                        start_unix=start, peak_host_rss_gib=20.5, gpu_used_peak_gib=None,
                        lines=lines)
 
@@ -190,14 +192,14 @@ def test_convert_summary_takes_the_reported_peak(tmp_path):
 
 def test_run_phase_stamps_lines_and_kills_on_timeout(tmp_path):
     code = "import time; print('a', flush=True); time.sleep(0.3); print('b', flush=True)"
-    run = bq.run_phase([sys.executable, "-c", code], tmp_path / "log", {}, 30, gpu=False)
+    run = phase_run.run_phase([sys.executable, "-c", code], tmp_path / "log", {}, 30, gpu=False)
     assert run.returncode == 0 and not run.timed_out
     assert [line for _, line in run.lines] == ["a", "b"]
     # Stamps are seconds since the start: 'b' cannot come before the child's 0.3 s sleep.
     assert 0 <= run.first_line_time("^a") <= run.first_line_time("^b")
     assert run.first_line_time("^b") >= 0.3 and run.first_line_time("^c") is None
     assert (tmp_path / "log").read_text().splitlines()[0].startswith("$ ")
-    run = bq.run_phase([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log2",
+    run = phase_run.run_phase([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log2",
                        {}, 0.5, gpu=False)
     assert run.timed_out and run.returncode != 0 and run.wall_s < 30
 
@@ -221,7 +223,7 @@ def test_tiny_end_to_end_on_cpu(tmp_path, chat_alpaca, qwen_tiktoken):
     assert hw["host_memory_gib"] > 0 and hw["workdir_disk_free_gib_at_start"] > 0
     p = result["phases"]
     assert all(p[k]["status"] == "ok" for k in ("write", "convert", "train", "reload"))
-    assert p["write"]["n_params"] == bq.n_params(bq.TINY) == result["model"]["n_params"]
+    assert p["write"]["n_params"] == qf.n_params(qf.TINY) == result["model"]["n_params"]
     assert p["convert"]["peak_host_rss_gib_reported"] > 0 and p["convert"]["folder_bytes"] > 0
     t = p["train"]
     assert t["steps_done"] == 2 and t["tokens_per_s_per_gpu"] > 0 and 0 < t["mfu"] < 1

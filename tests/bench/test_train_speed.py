@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from bench.lib import measure
 from bench.lib import train_speed as ts
 from chatft.config_parse import load_config
 
@@ -67,21 +68,21 @@ def test_tutorial_process_func_cuts_at_128(qwen_tokenizer):
 
 
 def test_step_stats_leave_out_warmup():
-    stats = ts.step_stats([10.0, 2.0, 4.0], [100, 300, 500], gpus=2, params=10**9, warmup=1)
+    stats = measure.step_stats([10.0, 2.0, 4.0], [100, 300, 500], gpus=2, params=10**9, warmup=1)
     assert stats["steps_measured"] == 2
     assert stats["step_time_p50_s"] == 2.0 and stats["step_time_mean_s"] == 3.0
     assert stats["tokens_per_s_per_gpu"] == round(800 / 6 / 2, 2)
     assert stats["mfu"] == pytest.approx(800 / 6 / 2 * 6e9 / 989e12, rel=1e-4)  # 5 digits
     # a CPU smoke run of the tiny model (15 tokens/s per process): ~1.8e-6, not rounded to 0
-    tiny = ts.step_stats([1.0, 1.0], [30, 30], gpus=2, params=19_538_496, warmup=1)["mfu"]
+    tiny = measure.step_stats([1.0, 1.0], [30, 30], gpus=2, params=19_538_496, warmup=1)["mfu"]
     assert tiny == pytest.approx(15 * 6 * 19_538_496 / 989e12, rel=1e-4)
-    assert ts.step_stats([10.0], [100], gpus=1, params=1, warmup=1) == {"steps_measured": 0}
+    assert measure.step_stats([10.0], [100], gpus=1, params=1, warmup=1) == {"steps_measured": 0}
 
 
 def test_percentile_nearest_rank():
     xs = [float(i) for i in range(1, 11)]
-    assert ts.percentile(xs, 50) == 5.0 and ts.percentile(xs, 95) == 10.0
-    assert ts.percentile(xs, 0) == 1.0 and ts.percentile([7.0], 50) == 7.0
+    assert measure.percentile(xs, 50) == 5.0 and measure.percentile(xs, 95) == 10.0
+    assert measure.percentile(xs, 0) == 1.0 and measure.percentile([7.0], 50) == 7.0
 
 
 def test_chatft_batch_keeps_global_batch():
@@ -125,16 +126,16 @@ def test_process_tree_sampler_sees_a_child_and_its_memory():
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        assert child.pid in ts.process_tree(os.getpid())
-        assert ts.rss_bytes(child.pid) >= 200 << 20
-        sampler = ts.ProcessTreeSampler(os.getpid())
+        assert child.pid in measure.process_tree(os.getpid())
+        assert measure.rss_bytes(child.pid) >= 200 << 20
+        sampler = measure.ProcessTreeSampler(os.getpid())
         sampler.sample()
-        assert sampler.peak_rss >= (200 << 20) + ts.rss_bytes(os.getpid())
+        assert sampler.peak_rss >= (200 << 20) + measure.rss_bytes(os.getpid())
         assert sampler.peak_processes >= 2
     finally:
         child.kill()
         child.wait()
-    assert ts.rss_bytes(child.pid) == 0
+    assert measure.rss_bytes(child.pid) == 0
 
 
 def test_ablations_that_cannot_run_on_a_cpu_say_why():

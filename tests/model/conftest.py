@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from bench.lib.qwen1 import GENERATION_CONFIG, TINY, TOKENIZER_CONFIG
+from bench.lib.qwen1_folder import GENERATION_CONFIG, TINY, TOKENIZER_CONFIG
 
 #: Qwen-7B-Chat's config.json (the 8192-context release) with the sizes made tiny, as the
 #: Qwen-1 benchmark builds it; these folders hold fp32 weights, so its bf16 flag is off.

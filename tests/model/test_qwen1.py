@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.lib import qwen1 as qwen1_bench
+from bench.lib import qwen1_folder as qwen1_bench
 from chatft.errors import ChatftError
 from chatft.model import qwen1
 from chatft.model.qwen1 import (convert_qwen1, iter_converted_tensors, load_qwen1_model,
