@@ -157,7 +157,8 @@ class SpeedModel:
     collective_bytes_per_s: float = 150e9  # NVLink bus bandwidth per GPU in all-gather/reduce-scatter
     local_copy_bytes_per_s: float = 1.5e12  # ZeRO-3 "gathers" on one GPU are device copies
     pcie_bytes_per_s: float = 25e9  # pinned host <-> GPU copies per GPU
-    # (bench/lean_7b.py's probe measures the one-stream copy rate of optimizer_states host)
+    # assumed; bench/lean_7b.py's probe measures the pinned copy rate each way
+    # (h2d_gb_per_s, d2h_gb_per_s of bench/results/lean_7b_h200x1.json): set it from there
     host_adam_bytes_per_s: float = 40e9  # host memory streamed by the CPU Adam step (whole node)
     cpu_adam_bytes_per_param: int = 16  # fp32 master, grad, two moments read/written once
 
