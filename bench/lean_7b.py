@@ -33,7 +33,7 @@ sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (install
 
 from bench.lib import environment  # noqa: E402
 from bench.lib import lean_7b as lean  # noqa: E402
-from bench.lib import train_speed as ts  # noqa: E402
+from bench.lib import shapes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--max-gpu-memory", default="24GiB")
     ap.add_argument("--host-budget", default="64GiB", help="host memory the planner plans for")
-    ap.add_argument("--model-config", default="qwen2-7b", choices=list(ts.MODEL_CONFIGS))
+    ap.add_argument("--model-config", default="qwen2-7b", choices=list(shapes.MODEL_CONFIGS))
     ap.add_argument("--shared", type=Path, default=lean.default_shared())
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/chatft-lean-7b"))
     ap.add_argument("--no-probe", action="store_true")
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = not torch.cuda.is_available()
     label = args.label or ("cpu" if cpu else "h200x1")
     cap = None if cpu else args.max_gpu_memory
-    shape = ts.MODEL_CONFIGS[args.model_config]
-    model = ts.write_model_folder(args.workdir / f"model-{args.model_config}", shape,
+    shape = shapes.MODEL_CONFIGS[args.model_config]
+    model = shapes.write_model_folder(args.workdir / f"model-{args.model_config}", shape,
                                   args.shared / "assets" / "qwen.tiktoken")
     data = args.shared / "data" / "huanhuan.json"
     result = {"benchmark": "lean_7b", "command": shlex.join([sys.executable, *sys.argv]),

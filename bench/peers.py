@@ -41,6 +41,7 @@ from bench.lib import peer_eval  # noqa: E402
 from bench.lib import peer_runs as pr  # noqa: E402
 
 from bench.lib import environment  # noqa: E402
+from bench.lib import shapes  # noqa: E402
 from bench.lib import train_speed as ts  # noqa: E402
 
 RESULTS = BENCH / "results"
@@ -58,7 +59,7 @@ def write_random_weights(folder: Path, shape: dict, tiktoken: Path, gpu: bool) -
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    ts.write_model_folder(folder, shape, tiktoken)
+    shapes.write_model_folder(folder, shape, tiktoken)
     if any(folder.glob("*.safetensors")):
         return {"weights": "reused"}
     t0 = time.perf_counter()
@@ -137,7 +138,7 @@ def speed(args, sites: dict[str, Path], gpu: bool, shared: Path) -> int:
         records = records[:args.limit]
     # Speed rows train on every record (the whole file, as chatft's speed row does).
     all_data = pc.write_split(records, work / "data_all", hold_out=False)
-    shape = ts.MODEL_CONFIGS[args.model_config]
+    shape = shapes.MODEL_CONFIGS[args.model_config]
     model_dir = work / "models" / args.model_config
     prep = write_random_weights(model_dir, shape, args.tiktoken, gpu)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -148,7 +149,7 @@ def speed(args, sites: dict[str, Path], gpu: bool, shared: Path) -> int:
     mean = sum(lengths) / len(lengths)
     ctx = pr.Context(work=work, model_dir=model_dir, data=all_data, sites=sites, gpu=gpu,
                      pad_id=tok.pad_token_id, timeout_s=args.timeout, steps=args.steps,
-                     warmup=args.warmup, params=ts.n_params(shape),
+                     warmup=args.warmup, params=shapes.n_params(shape),
                      row_length=pc.packed_row_length(mean, args.samples_per_step),
                      data_lengths=lengths, data_trained=trained,
                      python=args.peer_python,
@@ -219,7 +220,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, help="huanhuan.json (default: $CHATFT_SHARED/data/)")
     ap.add_argument("--tiktoken", type=Path, help="qwen.tiktoken (default: $CHATFT_SHARED/assets/)")
     ap.add_argument("--limit", type=int, help="first N records only (dry runs)")
-    ap.add_argument("--model-config", choices=sorted(ts.MODEL_CONFIGS), default=None,
+    ap.add_argument("--model-config", choices=sorted(shapes.MODEL_CONFIGS), default=None,
                     help="speed: model shape (default qwen2-7b; tiny on the CPU)")
     ap.add_argument("--gguf", type=Path, help="quality: the Qwen2.5-Coder-0.5B-Instruct GGUF")
     ap.add_argument("--model", type=Path, help="quality: a Hugging Face folder instead of --gguf")

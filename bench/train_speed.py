@@ -31,6 +31,8 @@ sys.path[:0] = [str(REPO / "src"), str(REPO)]  # this checkout's chatft (install
 
 from bench.lib import checkout_env, environment  # noqa: E402
 from bench.lib import measure  # noqa: E402
+from bench.lib import shapes  # noqa: E402
+from bench.lib import tutorial_recipe as recipe  # noqa: E402
 from bench.lib import train_speed as ts  # noqa: E402
 from chatft.train.plan.hardware import host_memory  # noqa: E402
 
@@ -142,7 +144,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps of the short runs")
     ap.add_argument("--warmup-steps", type=int, default=1,
                     help="first steps of each run left out of throughput and step times")
-    ap.add_argument("--model-config", choices=sorted(ts.MODEL_CONFIGS), default="qwen2-7b")
+    ap.add_argument("--model-config", choices=sorted(shapes.MODEL_CONFIGS), default="qwen2-7b")
     ap.add_argument("--data", type=Path, help="huanhuan.json (default: $CHATFT_SHARED/data/ "
                                               "or ../shared/data/ next to the checkout)")
     ap.add_argument("--tiktoken", type=Path, help="qwen.tiktoken (default: next to --data's "
@@ -174,9 +176,9 @@ def main() -> int:
     if cuda and not cpu_smoke and torch.cuda.device_count() < args.gpus:
         sys.exit(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
     variants = expand_variants(args.variants)
-    if "tutorial" in variants and args.steps >= ts.TUTORIAL_TRAINING_ARGS["save_steps"]:
+    if "tutorial" in variants and args.steps >= recipe.TUTORIAL_TRAINING_ARGS["save_steps"]:
         sys.exit(f"--steps {args.steps}: the tutorial's recipe saves a checkpoint (~100 GB for 7B) "
-                 f"every {ts.TUTORIAL_TRAINING_ARGS['save_steps']} steps; measure fewer steps")
+                 f"every {recipe.TUTORIAL_TRAINING_ARGS['save_steps']} steps; measure fewer steps")
     shared = default_shared()
     data = args.data or shared / "data" / "huanhuan.json"
     tiktoken = args.tiktoken or (data.parent.parent / "assets" / "qwen.tiktoken")
@@ -191,8 +193,8 @@ def main() -> int:
                            + ("_smoke" if cpu_smoke else ""))
     workdir = (args.workdir or REPO / "runs" / "train_speed" / label).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    shape = ts.MODEL_CONFIGS[args.model_config]
-    params = ts.n_params(shape)
+    shape = shapes.MODEL_CONFIGS[args.model_config]
+    params = shapes.n_params(shape)
     env = checkout_env()
     env.setdefault("PYTHONUNBUFFERED", "1")
     if cpu_smoke:
@@ -200,7 +202,7 @@ def main() -> int:
               "chatft in fp32; numbers say nothing about GPUs", file=sys.stderr)
 
     t0 = time.perf_counter()
-    model_dir = ts.write_model_folder(workdir / "model", shape, tiktoken)
+    model_dir = shapes.write_model_folder(workdir / "model", shape, tiktoken)
     prep = {"model_folder_s": round(time.perf_counter() - t0, 2)}
     if "tutorial" in variants:
         # The tutorial loads DeepSpeed's CPUAdam at start; build it once here (first use
@@ -234,10 +236,10 @@ def main() -> int:
         "data": {"path": str(data), "records": len(json.loads(data.read_text(encoding="utf-8")))},
         "settings": {"steps": args.steps, "warmup_steps_excluded": args.warmup_steps,
                      "chatft_global_batch": args.global_batch, "peak_flops_per_gpu": measure.PEAK_FLOPS,
-                     "tutorial_training_args": ts.TUTORIAL_TRAINING_ARGS,
-                     "tutorial_max_length": ts.TUTORIAL_MAX_LENGTH,
-                     "tutorial_ds_config": ts.TUTORIAL_DS_CONFIG,
-                     "tutorial_launch_line": ts.TUTORIAL_LAUNCH},
+                     "tutorial_training_args": recipe.TUTORIAL_TRAINING_ARGS,
+                     "tutorial_max_length": recipe.TUTORIAL_MAX_LENGTH,
+                     "tutorial_ds_config": recipe.TUTORIAL_DS_CONFIG,
+                     "tutorial_launch_line": recipe.TUTORIAL_LAUNCH},
         "reference_1xh200": ref, "prep": prep,
         "versions": environment.versions(("deepspeed", "accelerate", "liger-kernel")),
         "hardware": environment.hardware("cuda" if cuda else "cpu", gpu_count_key="gpus_visible"),
@@ -258,7 +260,7 @@ def main() -> int:
         if name in ts.ABLATIONS:
             skip = ts.ablation_skip_reason(name, cpu_smoke)
         if name == "tutorial" and not args.force:
-            need = ts.tutorial_host_memory_needed(params)
+            need = recipe.tutorial_host_memory_needed(params)
             host = host_memory().usable  # the planner's probe: RAM, or the container's limit
             if need > 0.95 * host:
                 skip = (f"the recipe needs ~{need / ts.GIB:.0f} GiB of host memory (141 GiB "

@@ -34,3 +34,32 @@ def test_a_crash_mid_save_never_becomes_latest(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path).name == "step-000002"
     ckpt.clean_partials(tmp_path)
     assert not crashed.exists()
+
+
+def _names(paths):
+    return [p.name for p in paths]
+
+
+def test_rotation_keeps_the_newest_and_the_protected_within_the_limit(tmp_path):
+    ckpts = [tmp_path / ckpt.step_name(s) for s in (2, 4, 6, 8)]
+    # no protection: the newest `limit`
+    assert _names(ckpt.to_delete(ckpts, 2)) == ["step-000002", "step-000004"]
+    # an old protected (best) one counts towards the limit: it and the newest stay
+    assert _names(ckpt.to_delete(ckpts, 2, {tmp_path / "step-000002"})) == \
+        ["step-000004", "step-000006"]
+    # limit 1 with an older best keeps two (the newest is the resume point)
+    assert _names(ckpt.to_delete(ckpts, 1, {ckpts[1]})) == ["step-000002", "step-000006"]
+    # the protected one is the newest: nothing extra is kept
+    assert _names(ckpt.to_delete(ckpts, 2, {ckpts[-1]})) == ["step-000002", "step-000004"]
+    # protection is by name, whatever the path's spelling; unknown names are ignored
+    assert _names(ckpt.to_delete(ckpts, 3, {tmp_path / "." / "step-000002", tmp_path / "x"})) == \
+        ["step-000004"]
+    assert ckpt.to_delete([], 2, {ckpts[0]}) == []
+
+
+def test_finalize_never_rotates_out_a_protected_checkpoint(tmp_path):
+    for step in (2, 4, 6):
+        ckpt.partial_path(tmp_path, step).mkdir(parents=True)
+        best = [ckpt.checkpoints_dir(tmp_path) / "step-000002"]
+        ckpt.finalize(tmp_path, step, {"step": step}, limit=2, protected=best)
+    assert _names(ckpt.complete_checkpoints(tmp_path)) == ["step-000002", "step-000006"]

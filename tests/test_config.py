@@ -229,6 +229,52 @@ def test_engine_choice():
     assert load_config(None, ["--nproc", "2", "--num_nodes", "2", "--hostfile", "h"]).world_size == 4
 
 
+def test_evaluation_and_saving_defaults_follow_the_held_out_data():
+    """Hugging Face's names; with held-out data: evaluate and save every epoch and export the
+    best checkpoint; without: neither (as before), and save_steps alone means steps."""
+    from chatft.config import Schedule
+
+    def schedule(*args: str) -> Schedule:
+        cfg = load_config(None, list(args))
+        return Schedule.of(cfg.train, cfg.data.eval_ratio > 0 or cfg.data.eval_file is not None)
+
+    assert schedule() == Schedule("no", 0, "no", 0, False)
+    assert schedule("--save_steps", "5") == Schedule("no", 0, "steps", 5, False)
+    assert schedule("--eval_ratio", "0.1") == Schedule("epoch", 0, "epoch", 0, True)
+    # eval_steps alone means steps, and the saves follow it
+    assert schedule("--eval_ratio", "0.1", "--eval_steps", "3") == Schedule("steps", 3, "steps", 3, True)
+    assert schedule("--eval_ratio", "0.1", "--eval_steps", "3", "--save_steps", "6") == \
+        Schedule("steps", 3, "steps", 6, True)
+    # saving explicitly off: no best-model export unless asked for (then it is an error)
+    assert schedule("--eval_file", "x.json", "--save_strategy", "no") == \
+        Schedule("epoch", 0, "no", 0, False)
+    assert schedule("--eval_ratio", "0.1", "--eval_strategy", "no") == Schedule("no", 0, "no", 0, False)
+    assert schedule("--eval_ratio", "0.1", "--load_best_model_at_end", "false").load_best is False
+
+
+def test_evaluation_options_that_cannot_work_are_refused_together():
+    problems = problems_of(None, ["--eval_strategy", "epoch", "--metric_for_best_model", "accuracy",
+                                  "--early_stopping_patience", "2"])
+    assert problems == ["eval_strategy epoch needs eval_ratio or eval_file",
+                        "train.metric_for_best_model 'accuracy': chatft computes only eval_loss"]
+    assert problems_of(None, ["--eval_ratio", "0.1", "--save_strategy", "steps", "--save_steps", "4",
+                              "--load_best_model_at_end", "true"]) == [
+        "train.load_best_model_at_end needs an eval_strategy and the same save_strategy (got epoch "
+        "and steps)"]
+    assert problems_of(None, ["--eval_ratio", "0.1", "--eval_steps", "3", "--save_steps", "4"]) == [
+        "train.load_best_model_at_end needs save_steps a multiple of eval_steps"]
+    assert problems_of(None, ["--load_best_model_at_end", "true", "--early_stopping_patience", "1"]) == [
+        "train.load_best_model_at_end needs an eval_strategy and the same save_strategy (got no and no)",
+        "early_stopping_patience needs evaluation"]
+    assert problems_of(None, ["--eval_ratio", "0.1", "--eval_strategy", "steps"]) == [
+        "eval_strategy steps needs eval_steps >= 1", "save_strategy steps needs save_steps >= 1"]
+    assert "train.early_stopping_threshold must be >= 0 (got -0.1)" in problems_of(
+        None, ["--early_stopping_threshold", "-0.1"])
+    # the same with the best-model export turned off is a valid plan
+    load_config(None, ["--eval_ratio", "0.1", "--eval_steps", "3", "--save_steps", "4",
+                       "--load_best_model_at_end", "false"])
+
+
 def test_gguf_export_needs_the_export():
     assert problems_of(None, ["--export_format", "gguf", "--export", "false"]) == [
         "train.export_format gguf needs train.export true"]

@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.lib import REPO, checkout_env
+from bench.lib import REPO, checkout_env, shapes
 from bench.lib import train_speed as ts
+from bench.lib.measure import step_stats
+from bench.lib.tutorial_recipe import TUTORIAL_SYSTEM
 
 GIB = 1 << 30
 RESULTS = REPO / "bench" / "results"
@@ -102,7 +104,7 @@ def probe(optims: list[str], device: str = "cuda") -> dict[str, Any]:
 def train_args(name: str, model: Path, data: Path, run_dir: Path, steps: int, cap: str | None) -> list[str]:
     """``chatft train`` options of a row (after ``chatft train``)."""
     args = ["--model", str(model), "--random_init", "true", "--data", str(data),
-            "--system", ts.TUTORIAL_SYSTEM, "--output_dir", str(run_dir), "--max_steps", str(steps),
+            "--system", TUTORIAL_SYSTEM, "--output_dir", str(run_dir), "--max_steps", str(steps),
             "--logging_steps", "1", "--save_steps", "0", "--export", "false", *LEAN, *ROWS[name]]
     return args + (["--max_gpu_memory", cap] if cap else [])
 
@@ -156,8 +158,8 @@ def run_row(name: str, model: Path, data: Path, work: Path, steps: int, cap: str
                            "gpu_used_peak_gib_by_index": run["gpu_used_peak_gib_by_index"],
                            "planner": prediction}
     if steps_done:
-        stats = ts.step_stats([s["step_time_s"] for s in steps_done], [s["tokens"] for s in steps_done],
-                              1, ts.n_params(json.loads((model / "config.json").read_text())), warmup=2)
+        stats = step_stats([s["step_time_s"] for s in steps_done], [s["tokens"] for s in steps_done],
+                           1, shapes.n_params(json.loads((model / "config.json").read_text())), warmup=2)
         last = steps_done[-1]
         row.update(stats)
         row.update({

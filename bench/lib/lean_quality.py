@@ -48,10 +48,11 @@ def steps_per_epoch(records: int, batch: int = 16) -> int:
 
 def command(model: Path, data: Path, out: Path, extra: list[str], epoch_steps: int) -> list[str]:
     return [sys.executable, "-m", "chatft", "train", "--model", str(model), "--data", str(data),
-            "--system", SYSTEM, "--eval_ratio", "0.1", "--eval_steps", str(epoch_steps),
-            "--per_device_train_batch_size", "16", "--learning_rate", "1e-5",
-            "--num_train_epochs", "3", "--precision", "bf16", "--export", "false",
-            "--save_steps", "0", "--output_dir", str(out), *extra]
+            "--system", SYSTEM, "--eval_ratio", "0.1", "--eval_strategy", "steps",
+            "--eval_steps", str(epoch_steps), "--save_strategy", "no",
+            "--load_best_model_at_end", "false", "--per_device_train_batch_size", "16",
+            "--learning_rate", "1e-5", "--num_train_epochs", "3", "--precision", "bf16",
+            "--export", "false", "--output_dir", str(out), *extra]
 
 
 def eval_losses(run: Path) -> list[float]:
@@ -60,7 +61,12 @@ def eval_losses(run: Path) -> list[float]:
     if not path.is_file():
         return []
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [r["eval_loss"] for r in rows if "eval_loss" in r]
+    losses, seen = [], set()
+    for r in rows:  # one per step: an evaluation at the last step is not repeated after it
+        if "eval_loss" in r and r.get("step") not in seen:
+            seen.add(r.get("step"))
+            losses.append(r["eval_loss"])
+    return losses
 
 
 def run_variants(names: list[str], model: Path, data: Path, workdir: Path, timeout: float

@@ -159,7 +159,7 @@ def derive_layouts(ms: Measurements, data: Path, tiktoken: Path, workdir: Path
     """(token budget, micro-batches) of every run, the way ``chatft plan`` derives them: the
     config's step plan replayed over the real sample lengths (huanhuan rendered by the Qwen
     tokenizer with the run's system prompt and ``max_length``)."""
-    from bench.lib.train_speed import write_model_folder
+    from bench.lib.shapes import write_model_folder
     from chatft.config_parse import load_config
 
     folder = write_model_folder(workdir / "qwen2-7b", ms.meta["models"]["qwen2-7b"], tiktoken)

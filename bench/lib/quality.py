@@ -324,8 +324,12 @@ def train_overrides(variant: Variant, *, model: Path, data: Path, epochs: float,
     > 0 caps tokens per micro-batch (and sets max_length to the cap, which chatft requires)."""
     cap = (["--micro_batch_tokens", str(micro_batch_tokens), "--max_length", str(micro_batch_tokens)]
            if micro_batch_tokens > 0 else [])
+    # --eval_strategy no: held-out loss before and after training only, no checkpoints, the
+    # last step exported: what this benchmark measured (the best-checkpoint export, chatft's
+    # default with held-out data, is eval_best_qwen.py's subject).
     return ["--model", str(model), "--data", str(data), "--system", SYSTEM_PROMPT, *cap,
-            "--eval_ratio", str(EVAL_RATIO), "--num_train_epochs", f"{epochs:g}",
+            "--eval_ratio", str(EVAL_RATIO), "--eval_strategy", "no",
+            "--num_train_epochs", f"{epochs:g}",
             "--precision", precision, "--packing", "true", "--seed", str(seed),
             "--logging_steps", "1", "--export", "true",
             "--per_device_train_batch_size", str(variant.global_batch),

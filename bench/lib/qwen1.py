@@ -42,7 +42,8 @@ from bench.lib import REPO, checkout_env, environment
 from bench.lib.phase_run import PhaseRun, last_json, run_phase
 from bench.lib.qwen1_folder import SHAPES, VALUE_BYTES, folder_bytes, n_params, write_random_qwen1
 from bench.lib.measure import GIB, PEAK_FLOPS, step_stats
-from bench.lib.train_speed import TUTORIAL_SYSTEM, read_metrics
+from bench.lib.tutorial_recipe import TUTORIAL_SYSTEM
+from bench.lib.train_speed import read_metrics
 
 RESULTS = REPO / "bench" / "results"
 

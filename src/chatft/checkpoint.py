@@ -16,6 +16,10 @@ A checkpoint is written into ``step-000040.partial`` and renamed only after ever
 finished writing and ``COMPLETE`` exists; then ``latest`` is replaced with ``os.replace``.
 A crash at any point leaves ``latest`` naming the previous complete checkpoint; a leftover
 ``.partial`` folder is deleted by the next save.
+
+Rotation (:func:`to_delete`) is one pure function: the checkpoints, ``save_total_limit`` and a
+set of protected ones (the best evaluated checkpoint, which the export may need) in, what to
+delete out. Whoever needs a checkpoint kept adds it to the protected set.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +57,30 @@ def clean_partials(output_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def finalize(output_dir: str | Path, step: int, trainer_state: dict[str, Any], limit: int) -> Path:
+def to_delete(checkpoints: list[Path], limit: int, protected: Collection[Path] = ()) -> list[Path]:
+    """Which of ``checkpoints`` (oldest first) rotation deletes: the newest one and every
+    protected one are kept, then the newest others until ``limit`` are kept in all (so a
+    protected checkpoint counts towards the limit, and ``limit`` 1 with an older protected
+    best keeps two, as Hugging Face's Trainer does).
+
+    >>> names = [Path(f"step-{i}") for i in (2, 4, 6, 8)]
+    >>> [p.name for p in to_delete(names, 2, {Path("step-2")})]
+    ['step-4', 'step-6']
+    """
+    names = [p.name for p in checkpoints]  # by name: "step-000040" whatever the path's spelling
+    keep = {p.name for p in protected if p.name in names} | set(names[-1:])
+    for name in reversed(names):
+        if len(keep) >= limit:
+            break
+        keep.add(name)
+    return [p for p in checkpoints if p.name not in keep]
+
+
+def finalize(output_dir: str | Path, step: int, trainer_state: dict[str, Any], limit: int,
+             protected: Collection[Path] = ()) -> Path:
     """Process 0, after every process wrote its part into the partial folder: write the
-    trainer state and marker, rename into place, point ``latest`` at it, rotate old ones."""
+    trainer state and marker, rename into place, point ``latest`` at it, rotate old ones
+    (never one in ``protected``)."""
     part = partial_path(output_dir, step)
     (part / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, ensure_ascii=False),
                                    encoding="utf-8")
@@ -66,7 +92,7 @@ def finalize(output_dir: str | Path, step: int, trainer_state: dict[str, Any], l
     tmp = checkpoints_dir(output_dir) / "latest.tmp"
     tmp.write_text(step_name(step) + "\n")
     os.replace(tmp, checkpoints_dir(output_dir) / "latest")
-    for old in complete_checkpoints(output_dir)[:-limit]:
+    for old in to_delete(complete_checkpoints(output_dir), limit, protected):
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -90,7 +90,10 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _add_model_options(a: argparse.ArgumentParser) -> None:
-    a.add_argument("model_dir", help="exported model folder (chatft export, or any HF chat model)")
+    a.add_argument("model_dir", metavar="MODEL",
+                   help="exported model folder, or anything `chatft train --model` takes: a "
+                        "Hugging Face folder, a .gguf file, a Qwen-1 folder, "
+                        "smollm2-135m-instruct")
     a.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
@@ -145,6 +148,19 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     if args.quant:
         raise ChatftError("export: --quant is for --format gguf")
     export_checkpoint(args.checkpoint, args.output, args.dtype)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from pathlib import Path
+
+    from chatft.job.evaluate import evaluate_models
+    from chatft.job.report import write_report
+
+    cfg = load_config(args.config, rest)
+    report = evaluate_models(args.models, cfg.model, cfg.data, cfg.train, args.ask or [],
+                             max_new_tokens=args.max_new_tokens)
+    print(f"chatft: wrote {write_report(report, Path(args.out))}", file=sys.stderr)
     return 0
 
 
@@ -219,6 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "export_dtype)")
     e.set_defaults(func=cmd_export)
 
+    ev = sub.add_parser("eval", help="held-out loss and answers of models, side by side",
+                        usage="chatft eval MODEL [MODEL ...] --data FILE [--eval_ratio R | "
+                              "--eval_file F] [--system S] [--ask QUESTION ...] [--out "
+                              "report.md] [--key value ...]",
+                        description="For each MODEL (anything `chatft train --model` takes, or "
+                                    "an export): the held-out loss exactly as training computes "
+                                    "it (same split, template, labels, mean NLL per trained "
+                                    "token) and greedy answers to the questions; written as a "
+                                    "Markdown report with a loss-curves PNG and a JSON file "
+                                    "beside it. Config options (--per_device_train_batch_size, "
+                                    "--precision, --max_length, ...) apply as in training.")
+    ev.add_argument("models", nargs="+", metavar="MODEL")
+    ev.add_argument("--ask", action="append", metavar="QUESTION",
+                    help="a question to answer (repeatable; default: the built-in data's)")
+    ev.add_argument("--out", default="eval_report.md", help="report file (default eval_report.md)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit")
+    ev.add_argument("--config", help="YAML config file")
+    ev.set_defaults(func=cmd_eval)
+
     c = sub.add_parser("convert", help="convert a Qwen-1 folder to a plain Qwen2 folder",
                        description="Write a Hugging Face Qwen2 folder (config, safetensors "
                                    "shards, tokenizer, generation config) from a Qwen-1 "
@@ -230,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype of the written folder (default: bf16)")
     c.set_defaults(func=cmd_convert)
 
-    ch = sub.add_parser("chat", help="chat with a model folder in the terminal",
+    ch = sub.add_parser("chat", help="chat with a model in the terminal",
                         description="Interactive chat (commands /reset, /system TEXT, /exit) "
                                     "or one answer with --prompt. Prompts are formatted as "
                                     "training did (chat template, persona from chatft.json).")
@@ -249,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, help="seed for sampling")
     ch.set_defaults(func=cmd_chat)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a model folder",
+    sv = sub.add_parser("serve", help="OpenAI-compatible API and web chat page for a model",
                         description="Serve POST /v1/chat/completions (streaming or not), "
                                     "GET /v1/models, GET /health, and a chat page at /.")
     _add_model_options(sv)

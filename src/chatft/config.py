@@ -186,14 +186,35 @@ class TrainArgs:
     logging_steps: int = 1
     """Log metrics every this many optimizer steps."""
 
+    eval_strategy: Optional[Literal["no", "steps", "epoch"]] = None
+    """Held-out loss, besides before and after training: no, steps (every eval_steps) or epoch.
+    Default: epoch with held-out data (steps if eval_steps is set)."""
+
     eval_steps: int = 0
-    """Evaluate held-out loss every this many steps (0: only before and after training)."""
+    """With eval_strategy steps: evaluate every this many optimizer steps."""
+
+    save_strategy: Optional[Literal["no", "steps", "epoch"]] = None
+    """When to save a resumable checkpoint (and at the end): no, steps (every save_steps),
+    epoch. Default: the eval strategy when evaluating, else steps if save_steps is set."""
 
     save_steps: int = 0
-    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    """With save_strategy steps: save every this many steps (0: every eval_steps)."""
 
     save_total_limit: int = 2
-    """Keep at most this many step checkpoints (oldest deleted first)."""
+    """Keep at most this many step checkpoints (oldest deleted first; never the best)."""
+
+    load_best_model_at_end: Optional[bool] = None
+    """Export the evaluated checkpoint with the lowest eval_loss, not the last step. Default:
+    true with held-out data (save_strategy must equal eval_strategy)."""
+
+    metric_for_best_model: str = "eval_loss"
+    """What 'best' means: eval_loss (held-out mean NLL per trained token; lower is better)."""
+
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations in a row without improvement (0: never)."""
+
+    early_stopping_threshold: float = 0.0
+    """An evaluation improves only if it beats the best eval_loss by more than this."""
 
     resume: Optional[str] = None
     """'auto' continues from the latest checkpoint in output_dir; or a checkpoint folder."""
@@ -230,6 +251,38 @@ class TrainArgs:
     """Cap each process's GPU memory, e.g. 24GiB: emulates a smaller GPU (through
     torch.cuda.set_per_process_memory_fraction) to check a plan before renting one."""
 
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a run evaluates and saves: TrainArgs' strategies with their defaults filled in."""
+
+    eval: str  # "no" | "steps" | "epoch"
+    eval_steps: int
+    save: str  # as eval
+    save_steps: int
+    load_best: bool
+
+    @classmethod
+    def of(cls, t: TrainArgs, held_out: bool) -> "Schedule":  # held_out: has held-out data
+        ev = t.eval_strategy or ("no" if not held_out else "steps" if t.eval_steps else "epoch")
+        save = t.save_strategy or (ev if ev != "no" else "steps" if t.save_steps else "no")
+        best = t.load_best_model_at_end
+        return cls(ev, t.eval_steps, save, t.save_steps or t.eval_steps,
+                   ev != "no" and save == ev if best is None else best)
+
+    def problems(self, t: TrainArgs, held_out: bool) -> list[str]:
+        ev, save, best = self.eval, self.save, self.load_best
+        checks = [(ev != "no" and not held_out, f"eval_strategy {ev} needs eval_ratio or eval_file"),
+                  (ev == "steps" and self.eval_steps < 1, "eval_strategy steps needs eval_steps >= 1"),
+                  (save == "steps" and self.save_steps < 1, "save_strategy steps needs save_steps >= 1"),
+                  (t.metric_for_best_model != "eval_loss", "train.metric_for_best_model "
+                   f"{t.metric_for_best_model!r}: chatft computes only eval_loss"),
+                  (best and (ev == "no" or save != ev), "train.load_best_model_at_end needs an "
+                   f"eval_strategy and the same save_strategy (got {ev} and {save})"),
+                  (best and ev == save == "steps" and self.save_steps % max(1, self.eval_steps),
+                   "train.load_best_model_at_end needs save_steps a multiple of eval_steps"),
+                  (t.early_stopping_patience > 0 and ev == "no", "early_stopping_patience needs evaluation")]
+        return [message for failed, message in checks if failed]
 
 
 @dataclass
@@ -306,7 +359,8 @@ class Config:
         for name, value in (("train.per_device_train_batch_size", t.per_device_train_batch_size),
                             ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
                             ("data.max_length", d.max_length), ("launch.nproc", la.nproc),
-                            ("launch.num_nodes", la.num_nodes), ("train.logging_steps", t.logging_steps)):
+                            ("launch.num_nodes", la.num_nodes), ("train.logging_steps", t.logging_steps),
+                            ("train.save_total_limit", t.save_total_limit)):
             if value < 1:
                 p.append(f"{name} must be >= 1 (got {value})")
         for name, value in (("train.learning_rate", t.learning_rate),
@@ -317,7 +371,9 @@ class Config:
         for name, value in (("train.weight_decay", t.weight_decay),
                             ("train.max_grad_norm", t.max_grad_norm),
                             ("train.warmup_steps", t.warmup_steps), ("train.save_steps", t.save_steps),
-                            ("train.eval_steps", t.eval_steps), ("train.micro_batch_tokens", t.micro_batch_tokens)):
+                            ("train.eval_steps", t.eval_steps), ("train.micro_batch_tokens", t.micro_batch_tokens),
+                            ("train.early_stopping_patience", t.early_stopping_patience),
+                            ("train.early_stopping_threshold", t.early_stopping_threshold)):
             if value < 0:
                 p.append(f"{name} must be >= 0 (got {value})")
         for name, value in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2),
@@ -328,8 +384,8 @@ class Config:
             p.append(f"data.eval_ratio must be in [0, 1) (got {d.eval_ratio})")
         if self.model.checkpoint_layers < -1:
             p.append(f"model.checkpoint_layers must be -1 (all) or >= 0 (got {self.model.checkpoint_layers})")
-        if t.save_total_limit < 1:
-            p.append(f"train.save_total_limit must be >= 1 (got {t.save_total_limit})")
+        held_out = d.eval_ratio > 0 or d.eval_file is not None
+        p += Schedule.of(t, held_out).problems(t, held_out)
         if ds.zero_stage not in (0, 1, 2, 3):
             p.append(f"deepspeed.zero_stage must be 0, 1, 2 or 3 (got {ds.zero_stage})")
         if ds.offload_param != "none" and ds.zero_stage != 3 and ds.config is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.lib import lean_7b, lean_quality
-from bench.lib import train_speed as ts
+from bench.lib import shapes
 from chatft.config_parse import load_config
 from tests.conftest import shared_file
 
@@ -21,6 +21,11 @@ def test_quality_commands_and_comparison(tmp_path):
     cfg = load_config(None, cmd[cmd.index("train") + 1:])  # a valid chatft config
     assert (cfg.train.per_device_train_batch_size, cfg.train.learning_rate, cfg.train.optim) == \
         (16, 1e-5, "adamw_torch_8bit")
+    assert (cfg.train.eval_strategy, cfg.train.save_strategy) == ("steps", "no")
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        f'{{"step": {s}, "eval_loss": {v}}}\n{{"step": {s}, "loss": 1.0}}\n'
+        for s, v in ((0, 5.46), (210, 4.09), (420, 4.12), (630, 4.43), (630, 4.43))))
+    assert lean_quality.eval_losses(tmp_path) == [5.46, 4.09, 4.12, 4.43]  # one per step
     rows = {"adamw_torch": {"eval_loss_per_epoch": [4.09, 4.12, 4.43]},
             "adamw_torch_8bit": {"eval_loss_per_epoch": [4.10, 4.15, 4.43]},
             "adamw_torch_noclip": {"eval_loss_per_epoch": []},
@@ -42,7 +47,7 @@ def test_lean_7b_rows_are_valid_configs_and_the_planner_predicts_each(tmp_path, 
     data = shared_file("data/huanhuan.json")
     if data is None:
         pytest.skip("huanhuan.json not found (set CHATFT_SHARED)")
-    model = ts.write_model_folder(tmp_path / "model", ts.MODEL_CONFIGS["tiny"], qwen_tiktoken)
+    model = shapes.write_model_folder(tmp_path / "model", shapes.MODEL_CONFIGS["tiny"], qwen_tiktoken)
     args = lean_7b.train_args("lean8_host_b32", model, data, tmp_path / "run", 3, "24GiB")
     cfg = load_config(None, args)
     assert (cfg.train.optim, cfg.train.optimizer_states, cfg.train.max_gpu_memory) == \

@@ -97,6 +97,7 @@ def test_variant_overrides_reach_the_config(name, tmp_path, chat_alpaca):
         (v.learning_rate, v.lr_scheduler_type, v.warmup_ratio)
     assert (t.num_train_epochs, t.precision, t.seed, t.export) == (3.0, "bf16", 7, True)
     assert (d.system, d.eval_ratio, d.packing) == (q.SYSTEM_PROMPT, 0.1, True)
+    assert t.eval_strategy == "no"  # before and after only; the last step is exported
     assert not cfg.uses_deepspeed  # one process: chatft's plain PyTorch engine
     assert t.micro_batch_tokens == 0 and d.max_length == 4096  # chatft's defaults unless capped
 

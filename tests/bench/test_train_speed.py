@@ -12,28 +12,30 @@ import sys
 import pytest
 
 from bench.lib import measure
+from bench.lib import shapes
+from bench.lib import tutorial_recipe as recipe
 from bench.lib import train_speed as ts
 from chatft.config_parse import load_config
 
 
 def test_qwen2_7b_parameter_count_from_shape():
-    assert ts.n_params(ts.QWEN2_7B) == 7_615_616_512
+    assert shapes.n_params(shapes.QWEN2_7B) == 7_615_616_512
 
 
 def test_parameter_count_equals_the_built_model(tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    (tmp_path / "config.json").write_text(json.dumps(ts.TINY))
+    (tmp_path / "config.json").write_text(json.dumps(shapes.TINY))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
-    assert sum(p.numel() for p in model.parameters()) == ts.n_params(ts.TINY)
+    assert sum(p.numel() for p in model.parameters()) == shapes.n_params(shapes.TINY)
 
 
 def test_model_folder_holds_config_and_tokenizer_only(tmp_path, qwen_tiktoken):
     from transformers import AutoConfig, AutoTokenizer
 
-    folder = ts.write_model_folder(tmp_path / "m", ts.QWEN2_7B, qwen_tiktoken)
+    folder = shapes.write_model_folder(tmp_path / "m", shapes.QWEN2_7B, qwen_tiktoken)
     assert not list(folder.glob("*.safetensors"))
     cfg = AutoConfig.from_pretrained(folder)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (3584, 18944, 28)
@@ -45,7 +47,7 @@ def test_model_folder_holds_config_and_tokenizer_only(tmp_path, qwen_tiktoken):
 
 
 def test_tutorial_process_func_masks_prompt_and_appends_pad(qwen_tokenizer):
-    sample = ts.tutorial_process_func({"instruction": "你是谁？", "input": "", "output": "我是甄嬛。"},
+    sample = recipe.tutorial_process_func({"instruction": "你是谁？", "input": "", "output": "我是甄嬛。"},
                                       qwen_tokenizer)
     ids, labels = sample["input_ids"], sample["labels"]
     # The tutorial's strings: the prompt is .strip()ped, so no newline before the assistant turn.
@@ -61,7 +63,7 @@ def test_tutorial_process_func_masks_prompt_and_appends_pad(qwen_tokenizer):
 
 
 def test_tutorial_process_func_cuts_at_128(qwen_tokenizer):
-    sample = ts.tutorial_process_func({"instruction": "说", "input": "", "output": "好" * 300},
+    sample = recipe.tutorial_process_func({"instruction": "说", "input": "", "output": "好" * 300},
                                       qwen_tokenizer)
     assert [len(v) for v in sample.values()] == [128, 128, 128]
     assert sample["input_ids"][-1] != 151643  # cut before the appended pad token
@@ -104,7 +106,7 @@ def test_chatft_command_is_a_valid_chatft_config(tmp_path, gpus):
     # the flip of the recommended choice (no recomputation)
     assert cfg.model.gradient_checkpointing == "on"
     assert cfg.train.max_steps == 6
-    assert cfg.train.export is False and cfg.data.system == ts.TUTORIAL_SYSTEM
+    assert cfg.train.export is False and cfg.data.system == recipe.TUTORIAL_SYSTEM
     t = cfg.train
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.world_size == 128
     if gpus == 1:

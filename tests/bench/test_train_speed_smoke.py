@@ -53,6 +53,9 @@ def test_cpu_smoke_runs_both_variants_and_writes_the_result(tmp_path, chat_alpac
     assert tutorial["e2e_wall_s"] == pytest.approx(
         tutorial["time_to_first_step_s"] + (total - 1) * tutorial["step_time_mean_s"], abs=0.2)
     assert tutorial["speedup_vs_seed"] == 1.0
+    # DeepSpeed's CPU all-reduce buffers (memory in /dev/shm) of the recipe's run are gone.
+    port = tutorial["command"].split("--master_port ")[1].split()[0]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
     assert "DeepSpeed ZeRO-2" in chatft["engine_summary"]
     assert "global batch 8" in chatft["engine_summary"]

@@ -308,6 +308,9 @@ def _host_bytes_per_param_in_deepspeed() -> float:
                 s = o.untyped_storage()
                 storages[s.data_ptr()] = s.nbytes()
         print(json.dumps({"bytes_per_param": sum(storages.values()) / P}))
+        import glob  # DeepSpeed leaves its CPU all-reduce buffer in /dev/shm (memory)
+        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*"):
+            os.unlink(f)
     ''')
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

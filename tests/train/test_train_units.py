@@ -174,11 +174,11 @@ def test_run_length_by_hand():
 
 
 def _protocol_members() -> set[str]:
-    from chatft.export.hf import TrainedWeights
     from chatft.train.engine import Engine
 
     members = set()
-    for proto in (Engine, TrainedWeights):
+    # Engine and the protocols it extends (TrainedWeights for export, Forward for evaluation).
+    for proto in (c for c in Engine.__mro__ if c.__module__.startswith("chatft.")):
         members |= set(proto.__annotations__)
         members |= {k for k, v in vars(proto).items() if callable(v) and not k.startswith("_")}
     return members

@@ -69,15 +69,17 @@ def make_engine(cfg: Config, source: ModelSource, precision: str, device: torch.
     return DeepSpeedEngine(cfg.train, build, ds_config, precision, device, fused)
 
 
-def ask(model_dir: Path, questions: list[str], device: torch.device) -> dict[str, str]:
-    """Greedy answers of the exported model to ``questions``, printed as they come."""
+def ask(model: str | Path, questions: list[str], device: torch.device, system: str | None = None,
+        max_new_tokens: int = 128) -> dict[str, str]:
+    """Greedy answers of ``model`` (an export, or anything training starts from) to
+    ``questions``, printed as they come; ``system`` replaces the model's own persona."""
     from chatft.serve.generate import SamplingParams, load_chat_model, reply
 
-    chat_model = load_chat_model(model_dir, device=str(device))
+    chat_model = load_chat_model(model, device=str(device))
     answers = {}
     for question in questions:
         answers[question] = reply(chat_model, [{"role": "user", "content": question}],
-                                  SamplingParams(max_new_tokens=128)).text
+                                  SamplingParams(max_new_tokens=max_new_tokens), system=system).text
         print(f"\n{question}\n> {answers[question]}", flush=True)
     return answers
 
@@ -107,13 +109,20 @@ def run_job(cfg: Config) -> JobResult:
 
     export_dir, answers = None, {}
     t = cfg.train
+    say(f"export: {result.export_reason}" if t.export else
+        f"export off; it would hold {result.export_reason}", rank)
     if t.export:
+        if result.export_from is not None:
+            say(f"loading the weights of {result.export_from} for the export", rank)
+            engine.load_weights(result.export_from)
         export_dir = export_trained(
             engine, tokenizer, Path(t.output_dir) / "final", dtype=t.export_dtype,
             system=system_prompt(cfg.data), base_model=source.label, train_on=cfg.data.train_on,
             summary={"steps": result.steps, "final_loss": result.final_loss,
                      "eval_loss_before": result.eval_loss_before,
                      "eval_loss_after": result.eval_loss_after,
+                     "exported_step": result.export_step, "exported_because": result.export_reason,
+                     "evaluations": result.history.to_dict()["evaluations"],
                      "resumed_from": str(result.resumed_from) if result.resumed_from else None})
         questions = [t.ask] if t.ask else builtin_meta(cfg.data.path).get("ask", [])
         if rank == 0 and questions:

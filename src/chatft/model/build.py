@@ -69,19 +69,9 @@ def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
         torch.manual_seed(seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    elif source.kind == "qwen1":
-        from chatft.model.qwen1 import load_qwen1_model
-
-        model = load_qwen1_model(source.folder, dtype=dtype, attn_implementation=attn,
-                                 max_length=max_length)
     else:
-        extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
-                                                     attn_implementation=attn, **extra)
-        if source.gguf_file:  # dequantized on load: a plain model from here on
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
+        model = load_pretrained(source, dtype=dtype, attn_implementation=attn,
+                                max_length=max_length)
     model.config.use_cache = False
     if use_liger(args, device):
         if args.compile:
@@ -104,6 +94,28 @@ def build_model(args: ModelArgs, source: ModelSource, *, dtype: torch.dtype,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         limit_checkpointed_layers(model, args.checkpoint_layers)
     model.train()
+    return model
+
+
+def load_pretrained(source: ModelSource, *, dtype: torch.dtype, attn_implementation: str,
+                    max_length: int | None = None):
+    """The pretrained weights of any model ``--model`` accepts (Hugging Face folder, GGUF file,
+    Qwen-1 folder), as a plain transformers ``*ForCausalLM`` on the CPU: for training
+    (:func:`build_model`) and for chatting with a model that was never exported."""
+    from transformers import AutoModelForCausalLM
+
+    if source.kind == "qwen1":
+        from chatft.model.qwen1 import load_qwen1_model
+
+        return load_qwen1_model(source.folder, dtype=dtype, attn_implementation=attn_implementation,
+                                max_length=max_length)
+    extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
+                                                 attn_implementation=attn_implementation, **extra)
+    if source.gguf_file:  # dequantized on load: a plain model from here on
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model
 
 

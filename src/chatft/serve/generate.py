@@ -1,5 +1,6 @@
-"""Load an exported model folder and generate answers; shared by ``chatft chat`` and
-``chatft serve`` (and usable from training code on a model already in memory).
+"""Load a model and generate answers; shared by ``chatft chat``, ``chatft serve`` and
+``chatft eval`` (and usable from training code on a model already in memory). The model is an
+exported folder or anything training starts from (GGUF file, Qwen-1 folder, built-in name).
 
 Prompts are formatted exactly as training did: the tokenizer's own chat template through
 :func:`chatft.data.render.chat_format`, with the folder's default system prompt
@@ -181,16 +182,18 @@ def _is_model_folder(path: Path) -> str | None:
 
 
 def load_chat_model(folder: str | Path, device: str = "auto", dtype: str = "auto") -> ChatModel:
-    """Load an exported folder (or any HF chat model folder) for generation.
+    """Load a model for generation: an exported folder (or any Hugging Face chat model folder),
+    or anything ``chatft train --model`` takes: a ``.gguf`` file, a Qwen-1 folder, the
+    embedded default's name. So a user can talk to the base model before fine-tuning it.
 
     ``dtype`` "auto": float32 on CPU (bf16 matmuls are slow on most CPUs), bfloat16 on CUDA.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from chatft.config import DEFAULT_MODEL
+    from chatft.model.loading import resolve_model
+
     path = Path(folder).expanduser()
-    problem = _is_model_folder(path)
-    if problem:
-        raise ChatftError(f"{folder} {problem}")
     dev = resolve_device(device)
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -198,6 +201,14 @@ def load_chat_model(folder: str | Path, device: str = "auto", dtype: str = "auto
         torch_dtype = _DTYPES[dtype]
     else:
         raise ChatftError(f"--dtype {dtype}: expected auto, {', '.join(_DTYPES)}")
+    if str(folder) == DEFAULT_MODEL or path.suffix == ".gguf" or (path / "config.json").is_file():
+        source = resolve_model(str(folder))  # a clear error for a missing or odd model
+        if source.kind != "hf":  # GGUF file or Qwen-1 folder: weights converted on load
+            return _load_source(source, dev, torch_dtype)
+        path = source.folder  # the embedded default: its dequantized folder
+    problem = _is_model_folder(path)
+    if problem:
+        raise ChatftError(f"{folder} {problem}")
     meta = read_meta(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -208,6 +219,18 @@ def load_chat_model(folder: str | Path, device: str = "auto", dtype: str = "auto
     return ChatModel.wrap(model, tokenizer, system_prompt=meta.system_prompt if meta else None,
                           name=path.resolve().name,
                           extra_stop_tokens=[meta.eot_token] if meta and meta.eot_token else [])
+
+
+def _load_source(source, device: torch.device, dtype: torch.dtype) -> ChatModel:
+    """A GGUF file or Qwen-1 folder, loaded as training loads it (same tokenizer and chat
+    template); no persona of its own."""
+    from chatft.model.build import load_pretrained
+    from chatft.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    model = load_pretrained(source, dtype=dtype, attn_implementation="sdpa").to(device)
+    name = Path(source.gguf_file).stem if source.gguf_file else source.folder.resolve().name
+    return ChatModel.wrap(model, tokenizer, name=name)
 
 
 def stream_reply(cm: ChatModel, messages: Seq[dict], params: SamplingParams | None = None,

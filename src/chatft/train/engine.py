@@ -34,13 +34,33 @@ log = logging.getLogger("chatft")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class Engine(TrainedWeights, Protocol):
-    """What the training loop calls. Export needs only the :class:`TrainedWeights` part
-    (``model``, ``device``, ``rank``, ``full_state_dict``, ``release``, ``barrier``)."""
+class Forward(Protocol):
+    """What the held-out loss needs (:func:`chatft.train.loop.evaluate`): a training engine,
+    or :class:`TorchForward` for a model that is only evaluated (``chatft eval``)."""
 
+    device: torch.device
+    rank: int
     world_size: int
     precision: str
     """bf16, fp16 or fp32 (resolved; never auto)."""
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum of token losses, trained tokens)`` of one micro-batch on this process."""
+        ...
+
+    def eval_mode(self) -> ContextManager[None]:
+        """Evaluation inside the block: dropout off, no autograd; training mode after it."""
+        ...
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over all processes, in place; returns it."""
+        ...
+
+
+class Engine(TrainedWeights, Forward, Protocol):
+    """What the training loop calls. Export needs only the :class:`TrainedWeights` part
+    (``model``, ``device``, ``rank``, ``full_state_dict``, ``release``, ``barrier``)."""
+
     description: str
     """How it trains, for the start line: "PyTorch", "DeepSpeed ZeRO-2"."""
     kind: str
@@ -50,10 +70,6 @@ class Engine(TrainedWeights, Protocol):
     shard; plain: the one process)."""
     lr_managed_externally: bool
     """True when a DeepSpeed JSON brings its own scheduler: :meth:`current_lr` is then the rate."""
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum of token losses, trained tokens)`` of one micro-batch on this process."""
-        ...
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate gradients; ``last_micro_batch`` closes the optimizer step's accumulation."""
@@ -72,10 +88,6 @@ class Engine(TrainedWeights, Protocol):
     def current_lr(self) -> float:
         ...
 
-    def eval_mode(self) -> ContextManager[None]:
-        """Evaluation inside the block: dropout off, no autograd; training mode after it."""
-        ...
-
     def save(self, folder: Path, client_state: dict) -> None:
         """Write this process's part of the model and optimizer state into ``folder``."""
         ...
@@ -84,9 +96,12 @@ class Engine(TrainedWeights, Protocol):
         """Restore the state :meth:`save` wrote; returns its ``client_state``."""
         ...
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over all processes, in place; returns it."""
+    def load_weights(self, folder: Path) -> None:
+        """Replace the weights with those of the checkpoint :meth:`save` wrote into ``folder``,
+        in place (no second copy of the model on the device), for the export of the best
+        checkpoint; the optimizer's state is not restored, so training cannot continue."""
         ...
+
 
 
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
@@ -146,7 +161,25 @@ class _Shared:
         take the step's learning rate here."""
 
 
-class TorchEngine(_Shared):
+class TorchForward(_Shared):
+    """A model and its loss on one process, without an optimizer: what evaluating a model that
+    is not being trained needs (``chatft eval``), and the forward pass of :class:`TorchEngine`."""
+
+    def __init__(self, model: torch.nn.Module, precision: str, device: torch.device,
+                 fused_kernel: str):
+        self.device, self.precision = device, precision
+        self.model = model.to(device)
+        self.wrapper = CausalLMLoss(self.model, fused_kernel)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = (torch.autocast(self.device.type, dtype=torch.float16) if self.precision == "fp16"
+               else nullcontext())
+        with ctx:
+            b = batch.to(self.device)
+            return self.wrapper(b.input_ids, b.position_ids, b.targets, b.attention_mask)
+
+
+class TorchEngine(TorchForward):
     """One process, no DeepSpeed. fp32; bf16 weights + fp32 masters (or none, see
     ``train.master_weights``); or fp16 autocast with a gradient scaler (fp32 weights). The
     optimizer is the config's choice (:mod:`chatft.train.optim_choice`), stepped here after
@@ -159,22 +192,13 @@ class TorchEngine(_Shared):
 
     def __init__(self, args: TrainArgs, model: torch.nn.Module, precision: str,
                  device: torch.device, fused_kernel: str):
-        self.device, self.precision = device, precision
+        super().__init__(model, precision, device, fused_kernel)
         self.max_grad_norm = args.max_grad_norm
-        self.model = model.to(device)
-        self.wrapper = CausalLMLoss(self.model, fused_kernel)
         groups = param_groups(self.model, args.weight_decay)
         self.optimizer: Any = build_optimizer(args, groups, precision, device)
         self.in_backward = args.optimizer_in_bwd
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self._params = [p for g in groups for p in g["params"]]
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = (torch.autocast(self.device.type, dtype=torch.float16) if self.precision == "fp16"
-               else nullcontext())
-        with ctx:
-            b = batch.to(self.device)
-            return self.wrapper(b.input_ids, b.position_ids, b.targets, b.attention_mask)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -229,6 +253,20 @@ class TorchEngine(_Shared):
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         return state["client_state"]
+
+    def load_weights(self, folder: Path) -> None:
+        # Memory-mapped: tensors are read from the file as they are copied, one at a time,
+        # into the existing weights (and fp32 masters), so neither host nor GPU memory holds
+        # a second model; the optimizer's moments in the same file are never read.
+        saved = torch.load(folder / "engine_state.pt", map_location="cpu", mmap=True,
+                           weights_only=True)["model"]
+        masters = self.optimizer.master_state() if hasattr(self.optimizer, "master_state") else {}
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict(keep_vars=True).items():
+                master = masters.get(id(tensor))
+                if master is not None:
+                    master.copy_(saved[name])
+                tensor.copy_(saved[name])  # a bf16 weight is its master rounded, as a step does
 
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Trained weights (fp32 masters when training in bf16) on the CPU, cast to ``dtype``
@@ -327,6 +365,18 @@ class DeepSpeedEngine(_Shared):
         if client_state is None:
             raise ChatftError(f"{folder}: DeepSpeed could not load this checkpoint")
         return client_state
+
+    def load_weights(self, folder: Path) -> None:
+        # ZeRO-0/1/2: the module's weights from its model-states file, each rank copying them
+        # in place; DeepSpeed then refreshes its fp32 partitions from them. ZeRO-3 keeps the
+        # weights only in the partitioned optimizer state, so each rank loads its own shard
+        # (with the moments: DeepSpeed's only loader of that shard that needs no gathering).
+        stage3 = self.engine.zero_optimization_partition_weights()
+        path, _ = self.engine.load_checkpoint(str(folder), tag="engine",
+                                              load_optimizer_states=stage3,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise ChatftError(f"{folder}: DeepSpeed could not load this checkpoint's weights")
 
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """All weights on rank 0 (other ranks: empty); every rank must call it (ZeRO-3 gathers).

@@ -1,8 +1,10 @@
 """The training loop: one function, the same for one CPU process and many GPUs.
 
 :func:`train` only trains: resume, steps, held-out loss, checkpoints, metrics. It is given a
-built engine and tokenized data and returns what it produced, the engine included; the job
-step (:mod:`chatft.job.run`) builds those and exports and asks afterwards.
+built engine and tokenized data and returns what it produced, the engine included, and which
+step's weights the export should hold (the best evaluated checkpoint, see
+:mod:`chatft.train.evaluation`); the job step (:mod:`chatft.job.run`) builds those and exports
+and asks afterwards.
 
 Loss normalization. A step's loss is the mean negative log-likelihood per trained token of the
 *whole global batch*: every micro-batch contributes ``sum(token losses) / N_step``, where
@@ -26,12 +28,14 @@ import torch.distributed as dist
 
 from chatft import __version__
 from chatft import checkpoint as ckpt
-from chatft.config import TrainArgs
+from chatft.config import Schedule, TrainArgs
 from chatft.data.labels import trained_count
 from chatft.data.prepare import TokenizedDataset
+from chatft.errors import ChatftError
 from chatft.train.batching import (CUDA_TOKEN_MULTIPLE, Batch, StepPlan, eval_plans, pack, pad,
                                    plan_step)
-from chatft.train.engine import Engine
+from chatft.train.engine import Engine, Forward
+from chatft.train.evaluation import History, due
 from chatft.train.metrics import CURVE_FILE, MetricsLog, plot_loss_curve, say
 from chatft.train.schedule import lr_at, run_length
 
@@ -58,15 +62,19 @@ class RunRecord:
 
 @dataclass
 class TrainResult:
-    steps: int  # the run's last optimizer step
+    steps: int  # the run's last optimizer step (earlier than planned after an early stop)
     final_loss: float | None  # of the last step trained here (None when resumed at the end)
     eval_loss_before: float | None
-    eval_loss_after: float | None
+    eval_loss_after: float | None  # at the last step
     resumed_from: Path | None  # the checkpoint this run continued from
-    engine: Engine  # the trained engine, still holding the weights (export reads them)
+    engine: Engine  # the trained engine, still holding the last step's weights
+    history: History  # every evaluation, the best checkpoint
+    export_step: int  # whose weights the export holds: the best checkpoint's or the last step's
+    export_reason: str  # why, for the summary line ("step 210 (epoch 1): lowest eval_loss ...")
+    export_from: Path | None  # the checkpoint to reload before exporting (None: the engine's)
 
 
-class _Samples:
+class Samples:
     """A tokenized dataset with the per-sample arrays the step planner needs."""
 
     def __init__(self, ds: TokenizedDataset):
@@ -79,9 +87,11 @@ class _Samples:
         return pack(samples, multiple, pad_id) if packing else pad(samples, pad_id)
 
 
-def evaluate(engine: Engine, data: _Samples, args: TrainArgs, packing: bool, pad_id: int,
+def evaluate(engine: Forward, data: Samples, args: TrainArgs, packing: bool, pad_id: int,
              multiple: int) -> float:
-    """Mean NLL per trained token over the held-out set (all processes take part)."""
+    """Mean NLL per trained token over the held-out set (all processes take part), in
+    micro-batches of training's size. ``chatft eval`` calls this too, so its loss is
+    training's."""
     plans = eval_plans(data.lengths, data.trained,
                        global_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * engine.world_size,
                        world_size=engine.world_size, rank=engine.rank,
@@ -97,7 +107,19 @@ def evaluate(engine: Engine, data: _Samples, args: TrainArgs, packing: bool, pad
     return float(total[0] / total[1])
 
 
-def run_step(engine: Engine, data: _Samples, plan: StepPlan, packing: bool, pad_id: int,
+def token_multiple(device: torch.device) -> int:
+    """Packed rows are padded to a multiple of this many tokens (CUDA kernels' alignment)."""
+    return CUDA_TOKEN_MULTIPLE if device.type == "cuda" else 1
+
+
+def held_out_loss(engine: Forward, data: TrainData, args: TrainArgs) -> float:
+    """``data.eval``'s loss exactly as :func:`train` measures it (for ``chatft eval``)."""
+    assert data.eval is not None
+    return evaluate(engine, Samples(data.eval), args, data.packing, data.pad_id,
+                    token_multiple(engine.device))
+
+
+def run_step(engine: Engine, data: Samples, plan: StepPlan, packing: bool, pad_id: int,
              multiple: int) -> torch.Tensor:
     """Forward/backward over this process's micro-batches; returns the local loss sum."""
     local = torch.zeros((), dtype=torch.float32, device=engine.device)
@@ -130,19 +152,23 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
     """Train as ``args`` says: resume, steps, held-out loss, checkpoints, metrics. Every
     process calls this with its engine; none exports (the caller does, from the result)."""
     rank, world, device = engine.rank, engine.world_size, engine.device
-    train_data = _Samples(data.train)
-    eval_data = _Samples(data.eval) if data.eval is not None and len(data.eval) else None
+    train_data = Samples(data.train)
+    eval_data = Samples(data.eval) if data.eval is not None and len(data.eval) else None
     length = run_length(args, len(train_data.lengths), world)
     per_epoch, total_steps = length.steps_per_epoch, length.total_steps
-    multiple = CUDA_TOKEN_MULTIPLE if device.type == "cuda" else 1
+    multiple = token_multiple(device)
 
     out = Path(args.output_dir)
+    schedule = Schedule.of(args, held_out=eval_data is not None)
+    history = History(args.early_stopping_patience, args.early_stopping_threshold)
     start_step, resumed_from = 0, None
     if args.resume:
         folder = ckpt.latest_checkpoint(out) if args.resume == "auto" else Path(args.resume)
         if folder is not None:
             client = engine.load(folder)
             start_step, resumed_from = int(client["step"]), folder
+            history = History.from_dict(ckpt.read_state(folder).get("evaluation"),
+                                        args.early_stopping_patience, args.early_stopping_threshold)
             say(f"resumed from {folder} at step {start_step}", rank)
         else:
             say(f"resume auto: no checkpoint in {ckpt.checkpoints_dir(out)}, starting fresh", rank)
@@ -158,14 +184,23 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
         assert eval_data is not None
         return evaluate(engine, eval_data, args, data.packing, data.pad_id, multiple)
 
-    eval_before = None
+    def evaluated(step: int, checkpoint: bool) -> None:
+        loss = held_out_loss()
+        epoch = round(step / per_epoch, 4)
+        history.add(step, epoch, loss, checkpoint)
+        metrics.log({"step": step, "epoch": epoch, "eval_loss": loss})
+
     if eval_data is not None and start_step == 0:
-        eval_before = held_out_loss()
-        metrics.log({"step": 0, "eval_loss": eval_before})
+        evaluated(0, checkpoint=False)
+    end_step = total_steps
+    if history.should_stop:  # resumed from the checkpoint where early stopping stopped
+        say(f"early stopping had stopped this run at step {start_step}; nothing to train", rank)
+        end_step = start_step
     step_loss = None
     tokens_done = 0
+    last_step = start_step
     t0 = time.perf_counter()
-    for step in range(start_step, total_steps):
+    for step in range(start_step, end_step):
         torch.manual_seed(args.seed + step)  # resume-proof randomness (dropout, if any)
         epoch, in_epoch = divmod(step, per_epoch)
         plan = plan_step(train_data.lengths, train_data.trained, global_batch=length.global_batch,
@@ -183,7 +218,7 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
         step_loss = float(engine.all_reduce_sum(local)) / plan.trained_tokens
         elapsed = time.perf_counter() - step_start
         tokens_done += plan.tokens
-        done = step + 1
+        done = last_step = step + 1
         if done % args.logging_steps == 0 or done == total_steps:
             memory = gpu_memory_peaks(engine)  # every process takes part
             if rank == 0:
@@ -193,28 +228,54 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
                              "step_time_s": elapsed, "tokens_per_s": plan.tokens / elapsed,
                              "time": time.time(), **memory})
         metrics.advance()
-        if eval_data is not None and args.eval_steps and done % args.eval_steps == 0 and done != total_steps:
-            metrics.log({"step": done, "eval_loss": held_out_loss()})
-        if args.save_steps and (done % args.save_steps == 0 or done == total_steps):
-            save_checkpoint(engine, args, done, record)
+        # Evaluate before saving, so the checkpoint's record includes its own evaluation; the
+        # last step always evaluates (held-out data) and saves (a save strategy).
+        saving = schedule.save != "no" and (
+            due(schedule.save, schedule.save_steps, done, per_epoch) or done == total_steps)
+        if eval_data is not None and (due(schedule.eval, schedule.eval_steps, done, per_epoch)
+                                      or done == total_steps):
+            evaluated(done, checkpoint=saving)
+            if history.should_stop and not saving and schedule.save != "no":
+                saving = True  # the run ends here: keep its state
+                history.mark_checkpoint(done)
+        if saving:
+            best = history.best if schedule.load_best else None
+            protected = [ckpt.checkpoints_dir(out) / ckpt.step_name(best.step)] if best else []
+            save_checkpoint(engine, args, done, record, protected,
+                            {"epoch": round(done / per_epoch, 4), "evaluation": history.to_dict()})
+        if history.should_stop:
+            say(f"early stopping at step {done}: {history.bad_evaluations} evaluation(s) in a "
+                f"row without improving eval_loss by more than {args.early_stopping_threshold:g} "
+                f"(early_stopping_patience {args.early_stopping_patience})", rank)
+            break
     metrics.close()
     train_time = time.perf_counter() - t0
 
-    eval_after = None
-    if eval_data is not None and total_steps > start_step:
-        eval_after = held_out_loss()
-        metrics.log({"step": total_steps, "eval_loss": eval_after})
+    export_step, why = history.export_choice(last_step, round(last_step / per_epoch, 4),
+                                             schedule.load_best)
+    export_from = None
+    if export_step != last_step:
+        export_from = ckpt.checkpoints_dir(out) / ckpt.step_name(export_step)
+        if not ckpt.is_checkpoint(export_from):
+            raise ChatftError(f"the best checkpoint {export_from} is missing or incomplete; "
+                              f"export it by hand (chatft export) or rerun without "
+                              f"--load_best_model_at_end")
+    before, after = history.baseline, history.at(last_step)
     if rank == 0:
-        say(f"trained {total_steps - start_step} steps in {train_time:.1f} s "
+        say(f"trained {last_step - start_step} steps in {train_time:.1f} s "
             f"({tokens_done / max(train_time, 1e-9):,.0f} tokens/s)"
-            + (f"; held-out loss {eval_before:.4f} -> {eval_after:.4f}" if eval_before is not None and eval_after is not None else ""))
-        plot_loss_curve(metrics.records(), out / CURVE_FILE)
-    return TrainResult(total_steps, step_loss, eval_before, eval_after, resumed_from, engine)
+            + (f"; held-out loss {before.eval_loss:.4f} -> {after.eval_loss:.4f}"
+               if before is not None and after is not None and last_step > start_step else ""))
+        plot_loss_curve(metrics.records(), out / CURVE_FILE, marked_step=export_step)
+    return TrainResult(last_step, step_loss, before.eval_loss if before else None,
+                       after.eval_loss if after else None, resumed_from, engine, history,
+                       export_step, why, export_from)
 
 
-def save_checkpoint(engine: Engine, args: TrainArgs, step: int, record: RunRecord) -> None:
+def save_checkpoint(engine: Engine, args: TrainArgs, step: int, record: RunRecord,
+                    protected: list[Path], state: dict[str, Any]) -> None:
     """Every process that writes a part writes it into the partial folder; process 0
-    finalizes."""
+    finalizes with the trainer ``state`` (epoch, evaluations); rotation keeps ``protected``."""
     out = Path(args.output_dir)
     if engine.rank == 0:
         ckpt.clean_partials(out)
@@ -229,7 +290,8 @@ def save_checkpoint(engine: Engine, args: TrainArgs, step: int, record: RunRecor
         model_dir.mkdir(parents=True, exist_ok=True)
         engine.model.config.save_pretrained(model_dir)
         record.tokenizer.save_pretrained(model_dir)
-        ckpt.finalize(out, step, {"step": step, "config": record.config, "engine": engine.kind,
-                                  "base_model": record.base_model, "chatft_version": __version__},
-                      args.save_total_limit)
+        ckpt.finalize(out, step, {"step": step, **state, "config": record.config,
+                                  "engine": engine.kind, "base_model": record.base_model,
+                                  "chatft_version": __version__},
+                      args.save_total_limit, protected)
     engine.barrier()

@@ -3,7 +3,7 @@ a loss-curve PNG.
 
 Only process 0 writes. ``metrics.jsonl`` holds one JSON object per logged step
 (``{"step", "loss", "lr", "grad_norm", "tokens_per_s", ...}``) and per evaluation
-(``{"step", "eval_loss"}``); on resume, lines past the resumed step are dropped first so the
+(``{"step", "epoch", "eval_loss"}``); on resume, lines past the resumed step are dropped first so the
 file reads as one uninterrupted run.
 """
 
@@ -71,7 +71,9 @@ class MetricsLog:
             self.bar.set_postfix_str(f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
                                      f"{record['tokens_per_s']:,.0f} tok/s", refresh=False)
         if self.bar is not None and "eval_loss" in record:
-            self.bar.write(f"step {record['step']}: held-out loss {record['eval_loss']:.4f}")
+            epoch = f" (epoch {record['epoch']:g})" if "epoch" in record else ""
+            self.bar.write(f"step {record['step']}{epoch}: held-out loss {record['eval_loss']:.4f}",
+                           file=sys.stderr)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -89,8 +91,10 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_loss_curve(records: list[dict[str, Any]], out: str | Path) -> Path:
-    """Train loss per step and held-out loss per evaluation, as a PNG."""
+def plot_loss_curve(records: list[dict[str, Any]], out: str | Path,
+                    marked_step: int | None = None) -> Path:
+    """Train loss per step and held-out loss per evaluation, as a PNG; the evaluation at
+    ``marked_step`` (the exported weights) is circled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,6 +107,10 @@ def plot_loss_curve(records: list[dict[str, Any]], out: str | Path) -> Path:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if held:
         ax.plot(*zip(*held), "o-", label="held-out loss", linewidth=1.5)
+        mark = [(s, v) for s, v in held if s == marked_step][-1:]
+        if mark:
+            ax.plot(*zip(*mark), "o", markersize=12, markerfacecolor="none", color="red",
+                    label=f"exported (step {marked_step})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean NLL per trained token)")
     ax.grid(alpha=0.3)
