@@ -119,7 +119,8 @@ def test_no_source_file_is_over_600_lines():
     assert long == {}
 
 
-@pytest.mark.parametrize("module", ["chatft.train.plan.shape", "chatft.train.plan.cost",
+@pytest.mark.parametrize("module", ["chatft.train.plan.shape", "chatft.train.plan.job",
+                                    "chatft.train.plan.cost",
                                     "chatft.train.plan.report", "chatft.train.plan.hardware"])
 def test_the_planners_pure_parts_know_no_config(module):
     """They take a Job (or nothing); turning a config into a Job is ``plan.apply``'s job."""

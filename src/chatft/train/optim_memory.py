@@ -51,7 +51,9 @@ ALIGN = 512
 #: Work space of torchao's compiled update, bytes per element of the updated tensor: the
 #: buffers inductor's generated code allocates (torch 2.13, CPU: two fp32 tensors for 8-bit;
 #: two fp32, two int64 and two packed uint8 for 4-bit; none for the unquantized update). The
-#: CUDA code may fuse more; ``bench/lean_7b.py`` measures it on the GPU.
+#: CUDA code may fuse more; ``bench/lean_7b.py`` measures it on the GPU: once it has run, set
+#: each value from ``probe.workspace.<optim>.bytes_per_element`` of
+#: ``bench/results/lean_7b_h200x1.json`` (the memory planner's lean rows use this table).
 UPDATE_WORKSPACE_BYTES = {"adamw_torch_8bit": 8, "adamw_torch_4bit": 25, "adamw_torch": 0}
 #: MasterWeightAdamW's chunk: it upcasts parameters to fp32 until a chunk has this many
 #: elements (``chunk_numel`` in chatft.train.optim).

@@ -7,6 +7,7 @@ answered with what the planner recommends for this machine.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -156,7 +157,9 @@ def current_strategy(cfg: Config, num_layers: int) -> Strategy:
     if cfg.model.gradient_checkpointing == "on":
         k = num_layers if cfg.model.checkpoint_layers < 0 else cfg.model.checkpoint_layers
     if not cfg.uses_deepspeed:
-        return Strategy("torch", checkpoint_layers=k)
+        t = cfg.train
+        return Strategy("torch", checkpoint_layers=k, optim=t.optim, master_weights=t.master_weights,
+                        optimizer_in_bwd=t.optimizer_in_bwd, optimizer_states=t.optimizer_states)
     stage, opt, param = ds.zero_stage, ds.offload_optimizer == "cpu", ds.offload_param == "cpu"
     zero = _user_zero(ds)
     if zero:
@@ -202,17 +205,66 @@ def plan_command(cfg: Config, *, gpus: int | None, gpu_mem: str | None, cpu_mem:
         if tokens < 1:
             raise ChatftError(f"--tokens {tokens}: expected at least 1")
         (T, m), why = (tokens, micro_batch_layout(cfg, None, gpus)[1]), "given"
+        lengths = None
     else:
         lengths, why = data_lengths(cfg)
         T, m = micro_batch_layout(cfg, lengths, gpus)
     job = job_from_config(cfg, model_cfg, T, gpus, micro_batches=m)
     plan = make_plan(job, gpu_budget, host_budget)
+    fewer = None
+    if plan.recommended is None and job.gpus > 1:
+        fewer = fewer_gpus_plan(cfg, model_cfg, job.gpus, gpu_budget, host_budget,
+                                lengths=lengths, tokens=tokens)
     if as_json:
-        print(json.dumps({**plan_to_json(plan), "tokens_source": why, "budget_source": source},
-                         indent=1), file=out)
+        data = {**plan_to_json(plan), "tokens_source": why, "budget_source": source}
+        if fewer is not None:
+            data["fewer_gpus"] = plan_to_json(fewer)
+        print(json.dumps(data, indent=1), file=out)
     else:
-        print(format_plan(plan, [f"tokens per micro-batch: {why}", f"budget source: {source}"]), file=out)
+        notes = [f"tokens per micro-batch: {why}", f"budget source: {source}"]
+        text = format_plan(plan, notes)
+        if fewer is not None:
+            text += (f"\n\nOn fewer GPUs ({fewer.job.gpus} of {job.gpus}, the same samples per "
+                     "step):\n" + format_plan(fewer, notes))
+        print(text, file=out)
     return 0
+
+
+def fewer_gpus_plan(cfg: Config, model_config: Any, gpus: int, gpu_budget: int, host_budget: int,
+                    *, lengths: Sequence[int] | None = None, tokens: int | None = None) -> Plan | None:
+    """When nothing fits ``gpus`` GPUs: the plan on fewer of them (same budgets per GPU and
+    host) with the most tokens/s, or None. First each of ``g`` GPUs takes
+    ``per_device_train_batch_size x gpus / g`` samples, so a step trains the same samples
+    (skipped where ``g`` does not divide them); only when no ``g`` fits that way, each GPU
+    keeps ``per_device_train_batch_size`` (a step trains fewer samples; the plan says so).
+    Tokens per micro-batch: from the lengths, or ``tokens`` (per GPU at ``gpus`` GPUs) scaled
+    by the samples per GPU."""
+    samples = cfg.train.per_device_train_batch_size * gpus
+    for same_samples in (True, False):
+        best: Plan | None = None
+        for g in range(gpus - 1, 0, -1):
+            per_device = samples // g if same_samples else cfg.train.per_device_train_batch_size
+            if same_samples and samples % g:
+                continue
+            sub = copy.deepcopy(cfg)
+            sub.train.per_device_train_batch_size = per_device
+            sub.launch.nproc, sub.launch.num_nodes = g, 1
+            if tokens is not None:
+                T = -(-tokens * per_device // cfg.train.per_device_train_batch_size)
+                m = micro_batch_layout(sub, None, g)[1]
+            else:
+                T, m = micro_batch_layout(sub, lengths, g)
+            plan = make_plan(job_from_config(sub, model_config, T, g, micro_batches=m),
+                             gpu_budget, host_budget)
+            if plan.recommended is not None and (
+                    best is None or best.recommended is None or
+                    plan.recommended.estimate.tokens_per_second >
+                    best.recommended.estimate.tokens_per_second):
+                best = replace(plan, asked_gpus=gpus, per_device_batch=per_device,
+                               asked_samples=samples)
+        if best is not None:
+            return best
+    return None
 
 
 # --------------------------------------------------------------------------- applying a plan
@@ -229,7 +281,14 @@ def apply_strategy(cfg: Config, strategy: Strategy, num_layers: int) -> list[str
         (ds, "offload_param", "cpu" if strategy.offload_param else "none"),
         (model, "gradient_checkpointing", "on" if k > 0 else "off"),
         (model, "checkpoint_layers", -1 if k <= 0 or k >= num_layers else k),
+        # every strategy sets the optimizer options: ZeRO never keeps a lean one
+        (cfg.train, "optim", strategy.optim),
+        (cfg.train, "master_weights", strategy.master_weights),
+        (cfg.train, "optimizer_in_bwd", strategy.optimizer_in_bwd),
+        (cfg.train, "optimizer_states", strategy.optimizer_states),
     ]
+    if strategy.optimizer_in_bwd:  # no clipping by the global norm in backward
+        new.append((cfg.train, "max_grad_norm", 0.0))
     changes = []
     for obj, name, value in new:
         old = getattr(obj, name)
@@ -257,10 +316,15 @@ def apply_plan(cfg: Config, model_config: Any, tokens: int, gpu_budget: int,
         plan = make_plan(job, gpu_budget, host_budget,
                          strategies=[replace(base, checkpoint_layers=k if k is not None else L)])
     if plan.recommended is None:
+        fewer = None
+        if job.gpus > 1 and cfg.train.plan == "auto":
+            fewer = fewer_gpus_plan(cfg, model_config, job.gpus, gpu_budget, host_budget,
+                                    tokens=tokens)
         raise ChatftError("the memory planner finds no strategy that fits this machine "
                           f"({gib(gpu_budget)} GiB per GPU, {gib(host_budget)} GiB host) for "
                           f"{tokens:,} tokens per micro-batch on {job.gpus} GPU(s): "
-                          + recommendation_text(plan) + " (see `chatft plan`)")
+                          + (recommendation_text(fewer) if fewer is not None else
+                             recommendation_text(plan)) + " (see `chatft plan`)")
     changes = apply_strategy(cfg, plan.recommended.strategy, L)
     cfg.validate()
     return plan, changes

@@ -20,6 +20,18 @@ read from its source):
   grads 2P + fp32 masters 4P + Adam moments 8P; at the step one chunk of fp32 gradients (the
   largest group of parameters MasterWeightAdamW upcasts at once, >= 2^28 elements); no fp32
   gradients otherwise. fp32: 4P + 4P + 8P.
+* plain engine with memory-lean optimizer options (bf16 only; ``optim`` 8-/4-bit,
+  ``master_weights none``, ``optimizer_in_bwd``, ``optimizer_states host``): the model states
+  are :func:`chatft.train.optim_memory.optimizer_memory` of the parameters in gradient order
+  (:meth:`ModelShape.gradient_order`): its ``device`` bytes stay for the whole run; its
+  ``transient_device`` is added at the optimizer step, or, with the step in backward, at the
+  start of the backward pass: ``lm_head``'s gradient, the first one complete, is updated while
+  every saved activation is alive, once the loss's backward has ended (its transients freed),
+  and while the last layer's backward runs (its work space), so that moment holds the larger
+  of the loss and work space + updates in flight. Without whole gradients among the states,
+  Liger's ``lm_head`` gradient (b*V*h, computed in the forward pass) is activation memory
+  until it becomes the gradient being updated. Host: the slabs of the moments
+  (``host_reserved``, pinned).
 * DeepSpeed, bf16 (``lp = 2``; fp32 ``lp = 4``): stage 0 keeps everything whole plus fp32 grads
   at the step (4P). Stage >= 1 partitions the fp32 masters (4P/N) and Adam (8P/N); stage 1/2
   build an fp32 gradient partition at the step (4P/N; before it, each gradient slice's norm is
@@ -85,149 +97,28 @@ reloads it to check it: a second copy).
 **Speed** (for ranking only, see :class:`SpeedModel`): compute 6*P*T FLOPs per micro-batch plus
 2*P_layer*T per recomputed layer (a third of that layer's forward+backward), collectives over
 NVLink, parameter and gradient copies over PCIe when offloading, and the CPU Adam step
-(16 bytes per parameter streamed through host memory once per optimizer step).
+(16 bytes per parameter streamed through host memory once per optimizer step). Moments in
+host memory cross PCIe once each way per step (``transfer_per_step``) on one side stream,
+overlapped with the backward pass: only the part longer than the backward pass adds time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 from chatft.train.loss import LOSS_CHUNK_ROWS
+from chatft.train.optim_memory import OptimizerChoice, OptimizerMemory, optimizer_memory
+from chatft.train.plan.job import (DEFAULT_CALIBRATION, DEFAULT_SPEED,  # noqa: F401 (re-exported)
+                                   Attention, Calibration, DeepSpeedSizes, Job, LossKernel,
+                                   Precision, SpeedModel, Strategy)
 from chatft.train.plan.shape import ModelShape
 
 GIB = 1 << 30
 #: Elements DeepSpeed ZeRO-3 upcasts to fp64 at once for a gradient's norm
 #: (``_constant_buffered_norm2``'s buffer size).
 DS_NORM_CHUNK_NUMEL = 250_000_000
-
-Attention = Literal["sdpa", "flex_attention", "flash_attention_2", "varlen", "eager"]
-Precision = Literal["bf16", "fp16", "fp32"]
-LossKernel = Literal["chunked", "fused", "full"]
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class DeepSpeedSizes:
-    """DeepSpeed's buffer sizes in elements (defaults: DeepSpeed 0.19, which chatft's generated
-    config keeps)."""
-
-    reduce_bucket_size: int = 500_000_000
-    prefetch_bucket_size: int = 50_000_000
-    max_live_parameters: int = 1_000_000_000
-    sub_group_size: int = 1_000_000_000
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything about a training job that does not change between strategies."""
-
-    model: ModelShape
-    tokens: int  # T: tokens of the largest micro-batch on one GPU (packed row incl. padding)
-    gpus: int = 1  # N: data-parallel processes (one per GPU), all nodes
-    gpus_per_node: int = 0  # processes sharing one host; 0: all of them
-    precision: Precision = "bf16"
-    attention: Attention = "sdpa"
-    fused_kernels: bool = False  # Liger RMSNorm/SwiGLU/RoPE
-    loss: LossKernel = "chunked"  # chunked (PyTorch), fused (Liger), full (whole logits)
-    micro_batches: int = 1  # per GPU per optimizer step (accumulation, or more under a token cap)
-    pretrained: bool = True  # weights are loaded from files (host copy while loading)
-    export: bool = True  # the run ends by gathering the full weights on process 0
-    export_bytes: int = 2  # bytes per weight of the exported folder (bf16)
-    optimizer: bool = True  # False: forward+backward only (benchmarks, calibration rows)
-    deepspeed: DeepSpeedSizes = field(default_factory=DeepSpeedSizes)
-    varlen_takes_gqa: bool = False  # torch's varlen kernel attends grouped k/v (no repeat)
-
-    @property
-    def procs_per_node(self) -> int:
-        return self.gpus_per_node or self.gpus
-
-    @property
-    def act_bytes(self) -> int:
-        return 4 if self.precision == "fp32" else 2
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """How the job runs: engine, ZeRO stage, offload, recomputation."""
-
-    backend: Literal["torch", "deepspeed"] = "torch"
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    checkpoint_layers: int = 0  # decoder layers that recompute their activations (the first k)
-
-    @property
-    def engine_label(self) -> str:
-        if self.backend == "torch":
-            return "plain"
-        label = f"ZeRO-{self.zero_stage}"
-        if self.offload_optimizer and self.offload_param:
-            return label + " + offload opt+param"
-        return label + (" + offload opt" if self.offload_optimizer else "")
-
-    def recompute_label(self, num_layers: int) -> str:
-        if self.checkpoint_layers <= 0:
-            return "none"
-        return "all" if self.checkpoint_layers >= num_layers else f"{self.checkpoint_layers}/{num_layers}"
-
-    def options(self, num_layers: int) -> list[str]:
-        """chatft command-line options that select this strategy."""
-        opts = ["--backend", self.backend, "--zero_stage", str(self.zero_stage),
-                "--offload_optimizer", "cpu" if self.offload_optimizer else "none",
-                "--offload_param", "cpu" if self.offload_param else "none"]
-        if self.checkpoint_layers <= 0:
-            return opts + ["--gradient_checkpointing", "off"]
-        k = -1 if self.checkpoint_layers >= num_layers else self.checkpoint_layers
-        return opts + ["--gradient_checkpointing", "on", "--checkpoint_layers", str(k)]
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Constants fitted to measured peaks (``fit_calibration`` of the calibration benchmark).
-
-    The defaults were fitted on 2026-11-28 by ``bench/plan_calibration.py`` to the ten runs of
-    ``bench/results/plan_measurements_h200.json`` (1 and 4 NVIDIA H200, torch 2.11, DeepSpeed
-    0.19.8, Liger; Qwen2-7B and Qwen-7B shapes; plain, ZeRO-2, ZeRO-3 and offload): every GPU
-    peak is predicted within 2% (``bench/results/plan_calibration_h200.json``).
-    """
-
-    activation_factor: float = 0.993
-    """Multiplies activations, loss and backward workspaces (allocator rounding, kernel scratch)."""
-    gpu_fixed_gib: float = 0.0
-    """Allocator-visible memory of a GPU process besides states and activations (cuBLAS
-    workspaces, small buffers); fitted at its floor, 0."""
-    context_gib: float = 0.751
-    """CUDA context of a GPU process: device memory outside PyTorch's allocator, so not in the
-    predicted peak but in the budget check (nvidia-smi's used memory minus torch's reserved
-    memory, the largest of the one-process runs: 0.64-0.75 GiB)."""
-    comm_gib: float = 1.299
-    """NCCL's buffers per process when several GPUs talk, also outside PyTorch's allocator
-    (4 GPUs: 2.05 GiB used beyond torch's reserved memory, less the context)."""
-    host_process_gib: float = 1.904
-    """Host memory of one training process before any model state: Python, torch, CUDA."""
-    host_launcher_gib: float = 1.0
-    """The ``chatft train`` parent and DeepSpeed's launcher when workers are separate processes
-    (not fitted: one measured multi-process run cannot tell it from the per-process part)."""
-
-
-@dataclass(frozen=True)
-class SpeedModel:
-    """Rough rates for ranking strategies (H200 machine; only ratios between strategies matter)."""
-
-    gpu_flops: float = 400e12  # sustained training FLOP/s (about half the 790 TFLOP/s matmul rate)
-    collective_bytes_per_s: float = 150e9  # NVLink bus bandwidth per GPU in all-gather/reduce-scatter
-    local_copy_bytes_per_s: float = 1.5e12  # ZeRO-3 "gathers" on one GPU are device copies
-    pcie_bytes_per_s: float = 25e9  # pinned host <-> GPU copies per GPU
-    host_adam_bytes_per_s: float = 40e9  # host memory streamed by the CPU Adam step (whole node)
-    cpu_adam_bytes_per_param: int = 16  # fp32 master, grad, two moments read/written once
-
-
-DEFAULT_CALIBRATION = Calibration()
-DEFAULT_SPEED = SpeedModel()
 
 
 # --------------------------------------------------------------------------- activations
@@ -302,12 +193,15 @@ def loss_bytes(job: Job, head_grad_separate: bool) -> int:
     return max(12 * rows * V, 6 * rows * V + (b * V * m.hidden_size if T > rows else 0))
 
 
-def activation_peak_bytes(job: Job, checkpoint_layers: int, head_grad_separate: bool) -> tuple[int, str]:
+def activation_peak_bytes(job: Job, checkpoint_layers: int, head_grad_separate: bool,
+                          in_flight: int = 0) -> tuple[int, str]:
     """Peak of activations + loss + workspace in the backward pass, and when it happens.
 
     Two candidate moments: the start of the backward pass (every layer's saved tensors, the
     recomputed layers' inputs, the loss), and the first recomputed layer (its activations
-    rebuilt while only the other recomputed layers' inputs remain).
+    rebuilt while only the other recomputed layers' inputs remain). ``in_flight``: bytes of
+    the optimizer updates in backward right after the loss (they follow its transients and
+    overlap the last layer's work space).
     """
     L = job.model.num_layers
     k = max(0, min(checkpoint_layers, L))
@@ -316,7 +210,7 @@ def activation_peak_bytes(job: Job, checkpoint_layers: int, head_grad_separate: 
     work = backward_workspace_bytes(job)
     mask = shared_mask_bytes(job)
     start = (L - k) * layer + k * inputs + head_activation_bytes(job) + mask + \
-        max(loss_bytes(job, head_grad_separate), work)
+        max(loss_bytes(job, head_grad_separate), work + in_flight)
     if k == 0:
         return start, "backward start"
     remat = k * inputs + mask + layer + work  # the loss and the head are freed by then
@@ -364,6 +258,35 @@ class GpuStates:
     backward: dict[str, int]  # transients of the backward pass, alive with the activations
     step: dict[str, int]  # transients of the optimizer step
     head_grad_separate: bool  # the fused loss's lm_head gradient is not among the parts above
+    in_flight: int = 0  # optimizer updates in backward, at its start (see activation_peak_bytes)
+
+
+def is_lean(job: Job, s: Strategy) -> bool:
+    """Whether the optimizer memory of ``s`` is the lean arithmetic's (plain engine, bf16,
+    some option not the default)."""
+    return s.backend == "torch" and bool(s.lean_options) and job.optimizer and job.precision == "bf16"
+
+
+@functools.lru_cache(maxsize=64)
+def lean_memory(model: ModelShape, choice: OptimizerChoice) -> OptimizerMemory:
+    """:func:`optimizer_memory` of the model's parameters in gradient order (cached: the
+    planner asks for the same one while it bisects recomputation)."""
+    return optimizer_memory(model.gradient_order(), choice)
+
+
+def _lean_gpu_states(job: Job, s: Strategy) -> GpuStates:
+    """The plain engine's GPU states with the lean options (see the module docstring)."""
+    m = lean_memory(job.model, s.optimizer_choice(job.precision))
+    res = {"bf16 weights": m.weights}
+    if m.gradients:
+        res["bf16 grads"] = m.gradients
+    if m.masters:
+        res["fp32 masters"] = m.masters
+    if s.optimizer_states == "device":
+        res["Adam moments"] = m.moments
+    if not s.optimizer_in_bwd:
+        return GpuStates(res, {}, {"update work space": m.transient_device}, job.micro_batches > 1)
+    return GpuStates(res, {}, {}, True, in_flight=m.transient_device)
 
 
 def _gpu_states(job: Job, s: Strategy) -> GpuStates:
@@ -374,6 +297,8 @@ def _gpu_states(job: Job, s: Strategy) -> GpuStates:
     # Whole gradients are counted as states; the fused loss's lm_head gradient adds to them
     # only while an earlier micro-batch's gradient is being accumulated into.
     accumulating = job.micro_batches > 1
+    if is_lean(job, s):
+        return _lean_gpu_states(job, s)
     if s.backend == "torch":
         if job.precision == "bf16":
             res = {"bf16 weights": 2 * P, "bf16 grads": 2 * P}
@@ -443,6 +368,9 @@ def _host_offload(job: Job, s: Strategy) -> tuple[int, int]:
     P, N, E = job.model.n_params, job.gpus, job.model.largest_param
     lp = 4 if job.precision == "fp32" else 2
     part = -(-P // N)
+    if is_lean(job, s) and s.optimizer_states == "host":
+        reserved = lean_memory(job.model, s.optimizer_choice(job.precision)).host_reserved
+        return reserved, reserved  # pinned 1 GiB slabs
     if s.backend == "torch" or not (s.offload_optimizer or s.offload_param) or not job.optimizer:
         if s.offload_param and s.zero_stage == 3:
             return lp * part, lp * part
@@ -463,7 +391,12 @@ def gpu_phases(job: Job, strategy: Strategy, activation_factor: float, fixed: in
     activations) and the optimizer step (states and the step's transients)."""
     states = _gpu_states(job, strategy)
     act, when = activation_peak_bytes(job, strategy.checkpoint_layers, states.head_grad_separate)
-    return {f"forward/backward ({when})": {**states.resident, **states.backward,
+    backward = dict(states.backward)
+    if states.in_flight:  # what the updates add to the activations' peak (not calibrated)
+        with_updates, when = activation_peak_bytes(job, strategy.checkpoint_layers,
+                                                   states.head_grad_separate, states.in_flight)
+        backward["updates in flight"] = with_updates - act
+    return {f"forward/backward ({when})": {**states.resident, **backward,
                                            "activations": int(act * activation_factor),
                                            "fixed": fixed},
             "optimizer step": {**states.resident, **states.step, "fixed": fixed}}
@@ -475,6 +408,8 @@ def estimate(job: Job, strategy: Strategy, calibration: Calibration = DEFAULT_CA
     ``strategy``; see the module docstring for the model."""
     if strategy.backend == "torch" and job.gpus > 1:
         raise ValueError("the plain engine runs one process")
+    if strategy.lean_options and strategy.backend != "torch":
+        raise ValueError("the lean optimizer options run on the plain engine")
     cal = calibration
     fixed = int(cal.gpu_fixed_gib * GIB)
     outside = int(cal.context_gib * GIB) + (int(cal.comm_gib * GIB) if job.gpus > 1 else 0)
@@ -537,4 +472,10 @@ def step_seconds(job: Job, s: Strategy, speed: SpeedModel = DEFAULT_SPEED) -> fl
         t += speed.cpu_adam_bytes_per_param * P / speed.host_adam_bytes_per_s
     if s.offload_param:
         t += mb * (2 + k / m.num_layers) * lp * P / N / speed.pcie_bytes_per_s
+    if is_lean(job, s) and s.optimizer_states == "host":
+        # the moments' round trip overlaps the backward pass (4 of the 6 P*T FLOPs, plus the
+        # recomputed layers' forward)
+        backward = mb * T * (4 * matmul_params + 2 * m.layer_params * k) / speed.gpu_flops
+        moved = lean_memory(m, s.optimizer_choice(job.precision)).transfer_per_step
+        t += max(0.0, moved / speed.pcie_bytes_per_s - backward)
     return t

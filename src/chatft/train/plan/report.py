@@ -21,6 +21,19 @@ BASE_STRATEGIES = (
     Strategy("deepspeed", 3, offload_optimizer=True),
     Strategy("deepspeed", 3, offload_optimizer=True, offload_param=True),
 )
+#: The plain engine's memory-lean optimizer options (one GPU, bf16), least lean first. Not
+#: offered: bf16 weights with plain rounding (updates below bf16's spacing are lost: it stops
+#: learning at lr 1e-5), and host states without the step in backward (chatft runs none).
+LEAN_STRATEGIES = (
+    Strategy("torch", optim="adamw_torch_8bit"),
+    Strategy("torch", master_weights="none"),
+    Strategy("torch", optim="adamw_torch_8bit", master_weights="none"),
+    Strategy("torch", optim="adamw_torch_4bit", master_weights="none"),
+    Strategy("torch", optim="adamw_torch_8bit", master_weights="none", optimizer_in_bwd=True),
+    Strategy("torch", optim="adamw_torch_4bit", master_weights="none", optimizer_in_bwd=True),
+    Strategy("torch", optim="adamw_torch_8bit", master_weights="none", optimizer_in_bwd=True,
+             optimizer_states="host"),
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,9 @@ class Plan:
     margin: float  # a row fits when its peaks are within (1 - margin) of the budgets
     rows: list[PlanRow]
     recommended: PlanRow | None
+    asked_gpus: int = 0  # > job.gpus: nothing fit that many GPUs; this plan uses fewer
+    per_device_batch: int = 0  # with asked_gpus: the samples per GPU of this plan
+    asked_samples: int = 0  # with asked_gpus: the samples per step asked for (on all GPUs)
 
     def row(self, strategy: Strategy) -> PlanRow | None:
         return next((r for r in self.rows if r.strategy == strategy), None)
@@ -80,15 +96,22 @@ def fewest_checkpoint_layers(job: Job, strategy: Strategy, gpu_budget: int, marg
     return hi
 
 
+def base_strategies(job: Job) -> list[Strategy]:
+    """The strategies a job can run as: plain only on one GPU, its lean options only in bf16
+    with an optimizer, the step in backward only when a step is one micro-batch."""
+    out = [b for b in BASE_STRATEGIES if b.backend != "torch" or job.gpus == 1]
+    if job.gpus == 1 and job.precision == "bf16" and job.optimizer:
+        out += [s for s in LEAN_STRATEGIES if job.micro_batches == 1 or not s.optimizer_in_bwd]
+    return out
+
+
 def candidate_strategies(job: Job, gpu_budget: int, margin: float = 0.05,
                          calibration: Calibration = DEFAULT_CALIBRATION) -> list[Strategy]:
-    """Each base strategy (plain only on one GPU; ZeRO-0 is not offered: ZeRO-1 does the same
-    with less memory) with recomputation none, the fewest layers that fit, and all."""
+    """Each base strategy (:func:`base_strategies`; ZeRO-0 is not offered: ZeRO-1 does the
+    same with less memory) with recomputation none, the fewest layers that fit, and all."""
     out: list[Strategy] = []
     L = job.model.num_layers
-    for base in BASE_STRATEGIES:
-        if base.backend == "torch" and job.gpus > 1:
-            continue
+    for base in base_strategies(job):
         ks = [0]
         fewest = fewest_checkpoint_layers(job, base, gpu_budget, margin, calibration)
         if fewest not in (None, 0, L):
@@ -102,7 +125,9 @@ def make_plan(job: Job, gpu_budget: int, host_budget: int, *, margin: float = 0.
               calibration: Calibration = DEFAULT_CALIBRATION, speed: SpeedModel = DEFAULT_SPEED,
               strategies: Sequence[Strategy] | None = None) -> Plan:
     """Every candidate strategy with its peaks and fit; the recommendation is the fastest that
-    fits both budgets (ties: less GPU memory)."""
+    fits both budgets (ties: less GPU memory) with fp32 AdamW and fp32 masters, which stay the
+    default wherever one fits; only when none does, the fastest lean optimizer choice that
+    fits (ties: fewer lean options)."""
     cands = list(strategies) if strategies is not None else \
         candidate_strategies(job, gpu_budget, margin, calibration)
     ests = [estimate(job, s, calibration, speed) for s in cands]
@@ -110,8 +135,9 @@ def make_plan(job: Job, gpu_budget: int, host_budget: int, *, margin: float = 0.
     rows = [PlanRow(e, fits_gpu(e, gpu_budget, margin), e.host_bytes <= host_budget * (1 - margin),
                     e.tokens_per_second / best) for e in ests]
     fitting = [r for r in rows if r.fits]
-    rec = max(fitting, key=lambda r: (round(r.relative_speed, 6), -r.estimate.gpu_bytes),
-              default=None)
+    fitting = [r for r in fitting if not r.strategy.lean_options] or fitting
+    rec = max(fitting, key=lambda r: (round(r.relative_speed, 6), -r.strategy.lean_options,
+                                      -r.estimate.gpu_bytes), default=None)
     return Plan(job, gpu_budget, host_budget, margin, rows, rec)
 
 
@@ -166,9 +192,20 @@ def recommendation_text(plan: Plan) -> str:
                 "Use fewer tokens per micro-batch (--micro_batch_tokens, --per_device_train_batch_size, "
                 "--max_length), more GPUs, or a machine with more memory.")
     e = r.estimate
-    return (f"{r.strategy.engine_label}, recompute {r.strategy.recompute_label(L)} "
+    text = (f"{r.strategy.engine_label}, recompute {r.strategy.recompute_label(L)} "
             f"({gib(e.gpu_bytes)} GiB GPU, {gib(e.host_bytes)} GiB host): "
             + " ".join(r.strategy.options(L)))
+    if plan.asked_gpus > plan.job.gpus:
+        n, g = plan.asked_gpus, plan.job.gpus
+        samples = g * plan.per_device_batch
+        same = ("the same samples per step" if samples == plan.asked_samples else
+                f"a step trains {samples} samples instead of {plan.asked_samples}: "
+                f"{plan.asked_samples} do not fit on {g} GPU(s) either")
+        text = (f"uses {g} of {n} GPUs: no {n}-GPU layout fits {gib(plan.gpu_budget)} GiB per GPU "
+                f"with {gib(plan.host_budget)} GiB host; the others stay idle. " + text
+                + f" --nproc {g} --per_device_train_batch_size {plan.per_device_batch} "
+                f"({same}); estimated by the planner {e.tokens_per_second:,.0f} tokens/s")
+    return text
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
@@ -182,6 +219,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
                 "host_gib": round(e.host_gib, 3), "host_pinned_gib": round(e.host_pinned_bytes / GIB, 3),
                 "fits_gpu": r.fits_gpu, "fits_host": r.fits_host, "fits": r.fits,
                 "relative_speed": round(r.relative_speed, 4), "step_seconds": round(e.step_seconds, 4),
+                "tokens_per_second": round(e.tokens_per_second),
                 "gpu_phase": e.gpu_phase,
                 "gpu_parts_gib": {k: round(v / GIB, 3) for k, v in e.gpu_parts.items()},
                 "host_phase": e.host_phase,
@@ -191,6 +229,8 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
     job = asdict(plan.job)
     job["model"]["n_params"] = plan.job.model.n_params
     return {"job": job, "gpu_budget_gib": round(plan.gpu_budget / GIB, 3),
+            "asked_gpus": plan.asked_gpus or plan.job.gpus,
+            "recommendation": recommendation_text(plan),
             "host_budget_gib": round(plan.host_budget / GIB, 3), "margin": plan.margin,
             "rows": [row(r) for r in plan.rows],
             "recommended": row(plan.recommended) if plan.recommended else None}

@@ -115,6 +115,22 @@ class ModelShape:
             out.append(("lm_head.weight", self.vocab_size * h, 2))
         return out
 
+    def gradient_order(self) -> list[int]:
+        """Element counts of the parameters in the order the backward pass finishes their
+        gradients (what an optimizer step in backward sees): ``lm_head``, the final norm, then
+        each layer from the last (down, up, gate, post-attention norm, o, q/k norms, v, k, q
+        each with its bias, input norm), the embeddings last. A tied ``lm_head`` is the
+        embedding: its gradient is complete only after the embedding's part, so it comes last."""
+        h, i, qd, kvd = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim
+        mb, ob, qb = int(self.mlp_bias), int(self.o_bias), int(self.qkv_bias)
+        layer = [h * i] + [h] * mb + ([i * h] + [i] * mb) * 2 + [h]  # down, up, gate, norm
+        layer += [h * qd] + [h] * ob + [self.hd, self.hd] * int(self.qk_norm)
+        for rows in (kvd, kvd, qd):  # v, k, q
+            layer += [rows * h] + [rows] * qb
+        layer.append(h)  # input norm
+        head = [] if self.tie_word_embeddings else [self.vocab_size * h]
+        return head + [h] + layer * self.num_layers + [self.vocab_size * h]
+
     @functools.cached_property
     def n_params(self) -> int:
         return sum(n for _, n, _ in self.parameters())
