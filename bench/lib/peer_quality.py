@@ -72,14 +72,14 @@ def train_time(record: dict[str, Any]) -> float | None:
 
 
 def chatft_job(args, base: Path, out: Path, train_samples: int, data: Path) -> list[str]:
-    """chatft's own row at the same settings; ``--eval_steps`` = one epoch, so chatft's own
-    held-out loss is logged at each epoch end."""
-    per_epoch = -(-train_samples // pc.QUALITY["global_batch"])
+    """chatft's own row at the same settings: its own held-out loss at each epoch end, no
+    checkpoints, and the last step exported (as the tools' final models), not the best."""
     return [sys.executable, "-m", "chatft", "train", "--model", str(args.gguf or base),
             "--data", str(data), "--system", pc.SYSTEM_PROMPT, "--eval_ratio", "0.1",
             "--per_device_train_batch_size", str(pc.QUALITY["global_batch"]),
             "--learning_rate", f"{pc.QUALITY['learning_rate']:g}",
-            "--num_train_epochs", f"{args.epochs:g}", "--eval_steps", str(per_epoch),
+            "--num_train_epochs", f"{args.epochs:g}", "--eval_strategy", "epoch",
+            "--save_strategy", "no", "--load_best_model_at_end", "false",
             "--output_dir", str(out / "run"), "--logging_steps", "10"]
 
 
