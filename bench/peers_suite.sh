@@ -19,6 +19,7 @@
 #                  installed into /tmp/site from LF_WHEELS
 #   ROWS           comma-separated rows instead of the phase's set (bench/lib/peer_runs.py)
 #   LABEL          result files peers_<LABEL>.json / peers_quality_<LABEL>.json (default h200x1)
+#   LIMIT, ROW_TIMEOUT  quality: seconds for the whole phase (530) and for each tool's training (360)
 #   OUT            where peers_<phase>.tar.gz (logs, configs, recorder files) and the result
 #                  files are copied (default /tmp)
 set -u
@@ -90,8 +91,8 @@ speed_more)
   run 500 speed --rows "${ROWS:-lf_packing,swift_nopack}" "${CHATFT_FLAG[@]}" \
     --steps 8 --warmup 2 --timeout 170 ;;
 quality)
-  run 530 quality --gguf "${QWEN_GGUF:?QWEN_GGUF: the Qwen2.5-Coder-0.5B GGUF}" \
-    --rows "${ROWS:-llamafactory,swift}" "${CHATFT_FLAG[@]}" --timeout 360 ;;
+  run "${LIMIT:-530}" quality --gguf "${QWEN_GGUF:?QWEN_GGUF: the Qwen2.5-Coder-0.5B GGUF}" \
+    --rows "${ROWS:-llamafactory,swift}" "${CHATFT_FLAG[@]}" --timeout "${ROW_TIMEOUT:-360}" ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 
