@@ -12,6 +12,7 @@ import pytest
 import chatft
 from bench.lib import environment
 from bench.lib import quality as q
+from bench.lib import quality_measures as qm
 from tests.train.conftest import tiny_qwen2_dir  # noqa: F401  (fixture)
 
 # --------------------------------------------------------------------------- persona check
@@ -27,21 +28,21 @@ from tests.train.conftest import tiny_qwen2_dir  # noqa: F401  (fixture)
     ("", False),
 ])
 def test_persona_check_verdicts(answer, expected):
-    assert q.persona_check(answer).in_character is expected
+    assert qm.persona_check(answer).in_character is expected
 
 
 def test_persona_check_latin_markers_are_whole_words():
     # "said" and "maintain" contain "ai" but are not the word "AI".
-    check = q.persona_check("皇上 said to maintain 本宫")
+    check = qm.persona_check("皇上 said to maintain 本宫")
     assert check.assistant_markers == ()
-    assert q.persona_check("我是ai").assistant_markers == ("ai",)
-    assert q.persona_check("I'm SmolLM, an AI Assistant").assistant_markers == (
+    assert qm.persona_check("我是ai").assistant_markers == ("ai",)
+    assert qm.persona_check("I'm SmolLM, an AI Assistant").assistant_markers == (
         "ai", "assistant", "smollm")
 
 
 def test_persona_check_cjk_share_counts_letters_only():
     # 4 ideographs + 4 Latin letters; punctuation and digits are not letters.
-    assert q.persona_check("甄嬛皇上 abcd, 123!").cjk_share == 0.5
+    assert qm.persona_check("甄嬛皇上 abcd, 123!").cjk_share == 0.5
 
 
 # --------------------------------------------------------------------------- metrics
@@ -60,7 +61,7 @@ def _write_metrics(path: Path, n_steps: int) -> None:
 
 def test_read_metrics_first_and_last_eval(tmp_path):
     _write_metrics(tmp_path / "metrics.jsonl", 250)
-    m = q.read_metrics(tmp_path / "metrics.jsonl")
+    m = qm.read_metrics(tmp_path / "metrics.jsonl")
     assert m.steps == 250
     assert (m.eval_loss_before, m.eval_loss_after) == (3.5, 2.25)
     assert [e["eval_loss"] for e in m.evals] == [3.5, 2.9, 2.25]
@@ -75,7 +76,7 @@ def test_read_metrics_first_and_last_eval(tmp_path):
 
 def test_read_metrics_without_final_eval(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_loss": 3.0}) + "\n")
-    m = q.read_metrics(tmp_path / "metrics.jsonl")
+    m = qm.read_metrics(tmp_path / "metrics.jsonl")
     assert m.eval_loss_before == 3.0 and m.eval_loss_after is None
     assert m.steps == 0 and m.tokens_per_s is None
 
