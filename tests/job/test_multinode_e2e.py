@@ -155,8 +155,11 @@ def test_a_killed_rank_is_named_and_the_run_resumes(tmp_path, tiny_qwen2_dir, ch
     last = (out / "checkpoints" / "latest").read_text().strip()
     assert (out / "checkpoints" / last / "COMPLETE").is_file()
     done = int(last.split("-")[1])
+    # One step more than the checkpoint's (a shorter run than the killed one's 400 steps, which
+    # a resume refuses without --resume_force: the schedule changes).
     proc = run_chatft(*_common(tiny_qwen2_dir, chat_small, out, steps=done + 1), "--nproc", 2,
-                      "--zero_stage", 2, "--resume", "auto", "--export", "false")
+                      "--zero_stage", 2, "--resume", "auto", "--resume_force", "true",
+                      "--export", "false")
     assert f"resumed from" in proc.stderr and last in proc.stderr
 
 
