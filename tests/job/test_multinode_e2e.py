@@ -2,10 +2,10 @@
 happens when a process or the parent dies.
 
 Every run trains the tiny random Qwen2 on 64 Alpaca records in fp32 with a global batch of 8
-samples per step. The reference is one node with 2 processes (ZeRO-2); a run split over two
-``chatft train --nnodes 2 --node_rank 0|1 --master_addr 127.0.0.1`` launches (one process
-each) and runs resumed from its step-2 checkpoint on 1 and on 4 processes must reproduce its
-per-step losses.
+samples per step. The reference is one node with 2 processes (ZeRO-2, and ZeRO-3); a run split
+over two ``chatft train --nnodes 2 --node_rank 0|1 --master_addr 127.0.0.1`` launches (one
+process each), the same split started by two ``torchrun --nnodes 2`` agents, and runs resumed
+from its step-2 checkpoint on 1 and on 4 processes must reproduce its per-step losses.
 """
 
 from __future__ import annotations
@@ -37,18 +37,63 @@ def _common(model: Path, data: Path, out: Path, steps: int = STEPS) -> list[str]
             "--eval_ratio", "0", "--seed", "7", "--per_device_train_batch_size", "4"]
 
 
-def _start(*args) -> subprocess.Popen:
-    """``chatft ARGS`` in the background, as a user's shell starts it."""
+def _start(*args, launcher: tuple = ()) -> subprocess.Popen:
+    """``[LAUNCHER] chatft ARGS`` in the background, as a user's shell starts it."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep +
            os.environ.get("PYTHONPATH", ""), "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "chatft", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    python = [sys.executable] if not launcher else []
+    return subprocess.Popen([*map(str, launcher), *python, "-m", "chatft", *map(str, args)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _nodes(common: list, port: int, extra=(), timeout_s: int = 180) -> list[subprocess.Popen]:
-    return [_start(*common, "--nnodes", 2, "--node_rank", r, "--master_addr", "127.0.0.1",
-                   "--master_port", port, "--nproc", 1, "--ddp_timeout", timeout_s, *extra)
+def _nodes(common: list, port: int, extra=(), timeout_s: int = 180,
+           other_output: Path | None = None) -> list[subprocess.Popen]:
+    """Node 0 and node 1 of a per-node launch; node 1 writes into ``other_output`` if given
+    (a folder node 0 does not see, as a node-local disk would be)."""
+    nodes = []
+    for r in (0, 1):
+        args = list(common)
+        if r == 1 and other_output is not None:
+            args[args.index("--output_dir") + 1] = other_output
+        nodes.append(_start(*args, "--nnodes", 2, "--node_rank", r, "--master_addr",
+                            "127.0.0.1", "--master_port", port, "--nproc", 1, "--ddp_timeout",
+                            timeout_s, *extra))
+    return nodes
+
+
+def _torchrun_nodes(common: list, port: int, extra=(), timeout_s: int = 180) -> list:
+    """Two ``torchrun --nnodes 2 --nproc_per_node 1`` agents, as README's "Several machines"
+    starts one per node."""
+    exe = Path(sys.executable).with_name("torchrun")
+    torchrun = [exe] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    return [_start(*common, "--ddp_timeout", timeout_s, *extra,
+                   launcher=(*torchrun, "--nnodes", 2, "--nproc_per_node", 1, "--node_rank", r,
+                             "--master_addr", "127.0.0.1", "--master_port", port))
             for r in (0, 1)]
+
+
+def _finish(nodes: list[subprocess.Popen], timeout: int = 900) -> list[str]:
+    """Wait for every node; each must succeed. Returns their stderr."""
+    try:
+        outs = [p.communicate(timeout=timeout) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(nodes, outs):
+        assert p.returncode == 0, f"node exited {p.returncode}:\n{err[-6000:]}"
+    return [err for _, err in outs]
+
+
+def _same_export(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    x = load_file(a / "final" / "model.safetensors")
+    y = load_file(b / "final" / "model.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        assert (x[k] - y[k]).abs().max().item() <= 1e-6, k
 
 
 def _shm() -> set[str]:
@@ -85,24 +130,69 @@ def runs(tmp_path_factory, tiny_qwen2_dir, chat_small) -> dict:
                "--master_port", port)
     shm_left = {name for name in _shm() if f"_{port}_" in name}
     two = root / "two-nodes"
-    nodes = _nodes(_common(tiny_qwen2_dir, chat_small, two), free_port(), ["--zero_stage", 2])
-    outs = [p.communicate(timeout=900) for p in nodes]
-    for p, (out, err) in zip(nodes, outs):
-        assert p.returncode == 0, f"node exited {p.returncode}:\n{err[-6000:]}"
-    return {"ref": ref, "two": two, "shm_left": shm_left, "node_err": outs[0][1]}
+    errs = _finish(_nodes(_common(tiny_qwen2_dir, chat_small, two), free_port(),
+                          ["--zero_stage", 2]))
+    return {"ref": ref, "two": two, "shm_left": shm_left, "node_err": errs[0]}
 
 
 def test_two_nodes_of_one_process_train_as_one_node_of_two(runs):
     ref = step_losses(runs["ref"])
     assert len(ref) == STEPS and ref[-1] < ref[0]
     assert step_losses(runs["two"]) == pytest.approx(ref, rel=2e-5)
-    from safetensors.torch import load_file
+    _same_export(runs["ref"], runs["two"])
 
-    a = load_file(runs["ref"] / "final" / "model.safetensors")
-    b = load_file(runs["two"] / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert (a[k] - b[k]).abs().max().item() <= 1e-6, k
+
+def test_two_torchrun_nodes_train_as_one_node_of_two(runs, tmp_path, tiny_qwen2_dir,
+                                                     chat_small):
+    out = tmp_path / "torchrun"
+    errs = _finish(_torchrun_nodes(_common(tiny_qwen2_dir, chat_small, out), free_port(),
+                                   ["--zero_stage", 2]))
+    assert "torchrun started 2 processes on 2 node(s)" in errs[0] + errs[1]
+    assert step_losses(out) == pytest.approx(step_losses(runs["ref"]), rel=2e-5)
+    _same_export(runs["ref"], out)
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory, tiny_qwen2_dir, chat_small) -> dict:
+    """The ZeRO-3 reference (one node, 2 processes) and the same over two per-node launches."""
+    root = tmp_path_factory.mktemp("multinode-zero3")
+    ref = root / "one-node"
+    run_chatft(*_common(tiny_qwen2_dir, chat_small, ref), "--nproc", 2, "--zero_stage", 3)
+    two = root / "two-nodes"
+    _finish(_nodes(_common(tiny_qwen2_dir, chat_small, two), free_port(), ["--zero_stage", 3]))
+    return {"ref": ref, "two": two}
+
+
+def test_two_nodes_at_zero3_train_as_one_node_of_two(zero3):
+    ref = step_losses(zero3["ref"])
+    assert len(ref) == STEPS and ref[-1] < ref[0]
+    assert step_losses(zero3["two"]) == pytest.approx(ref, rel=2e-5)
+    _same_export(zero3["ref"], zero3["two"])
+
+
+def test_an_output_folder_each_node_does_not_share_is_refused_at_start(tmp_path,
+                                                                       tiny_qwen2_dir,
+                                                                       chat_small):
+    """Node 1 writes into a folder node 0 never sees (a node-local disk): every node stops at
+    start naming the folder and the node that does not see the others' files."""
+    common = _common(tiny_qwen2_dir, chat_small, tmp_path / "node0-disk", steps=400)
+    nodes = _nodes(common, free_port(), ["--zero_stage", 2], 60,
+                   other_output=tmp_path / "node1-disk")
+    try:
+        outs = [p.communicate(timeout=300) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(nodes, outs):
+        assert p.returncode != 0
+        assert "is not shared between the nodes" in err, err[-4000:]
+        assert "Traceback" not in err.split("chatft: error")[-1], err[-4000:]
+    err0 = outs[0][1]
+    assert f"the output folder {tmp_path / 'node0-disk'} is not shared" in err0
+    assert "node 0 (host" in err0 and "does not see the files of node(s) 1" in err0
+    assert not (tmp_path / "node0-disk" / "checkpoints").exists()
 
 
 def test_a_two_process_run_leaves_nothing_in_dev_shm(runs):
@@ -110,19 +200,30 @@ def test_a_two_process_run_leaves_nothing_in_dev_shm(runs):
     assert runs["shm_left"] == set()
 
 
+def _resume_from_step2(ref: Path, resumed: Path, nproc: int, stage: int, model: Path,
+                       data: Path) -> None:
+    shutil.copytree(ref, resumed, ignore=shutil.ignore_patterns("final", "step-000004"))
+    (resumed / "checkpoints" / "latest").write_text("step-000002\n")
+    proc = run_chatft(*_common(model, data, resumed), "--nproc", nproc, "--zero_stage", stage,
+                      "--resume", "auto", "--export", "false")
+    assert "universal" in proc.stderr and "global batch of 8" in proc.stderr
+    assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
+    assert step_losses(resumed) == pytest.approx(step_losses(ref), rel=2e-5)
+
+
 @pytest.mark.parametrize("nproc", [1, 4])
 def test_resume_on_another_process_count_keeps_the_trajectory(runs, nproc, tmp_path,
                                                               tiny_qwen2_dir, chat_small):
     """Written by 2 ZeRO-2 processes at step 2; resumed on 1 (accumulating 2 micro-batches) or 4
     (micro-batch 2) through the universal checkpoint: steps 3-4 come out the same."""
-    resumed = tmp_path / "resumed"
-    shutil.copytree(runs["ref"], resumed, ignore=shutil.ignore_patterns("final", "step-000004"))
-    (resumed / "checkpoints" / "latest").write_text("step-000002\n")
-    proc = run_chatft(*_common(tiny_qwen2_dir, chat_small, resumed), "--nproc", nproc,
-                      "--zero_stage", 2, "--resume", "auto", "--export", "false")
-    assert "universal" in proc.stderr and "global batch of 8" in proc.stderr
-    assert "resumed from" in proc.stderr and "step-000002" in proc.stderr
-    assert step_losses(resumed) == pytest.approx(step_losses(runs["ref"]), rel=2e-5)
+    _resume_from_step2(runs["ref"], tmp_path / "resumed", nproc, 2, tiny_qwen2_dir, chat_small)
+
+
+@pytest.mark.parametrize("nproc", [1, 4])
+def test_zero3_resume_on_another_process_count_keeps_the_trajectory(zero3, nproc, tmp_path,
+                                                                    tiny_qwen2_dir, chat_small):
+    """The same at ZeRO-3 (parameters partitioned too)."""
+    _resume_from_step2(zero3["ref"], tmp_path / "resumed", nproc, 3, tiny_qwen2_dir, chat_small)
 
 
 def test_a_killed_rank_is_named_and_the_run_resumes(tmp_path, tiny_qwen2_dir, chat_small):

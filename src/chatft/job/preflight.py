@@ -27,8 +27,11 @@ from chatft.errors import ConfigError
 from chatft.job.cluster import Placement
 
 #: Fields that may differ between nodes: where a node is, how it reaches node 0, where it
-#: caches tokenized data (the content is the same).
-PER_NODE_FIELDS = {("launch", "node_rank"), ("launch", "master_addr"), ("data", "cache_dir")}
+#: caches tokenized data (the content is the same), and the path of the output folder (one
+#: shared folder may be mounted at different paths; :func:`check_shared_output` checks that
+#: every node's path shows the same folder, and names the node that sees another).
+PER_NODE_FIELDS = {("launch", "node_rank"), ("launch", "master_addr"), ("data", "cache_dir"),
+                   ("train", "output_dir")}
 MARKERS = ".chatft-nodes"
 
 
