@@ -78,10 +78,13 @@ def test_another_process_count_keeps_the_global_batch_and_loads_the_universal_fo
 
 def test_what_cannot_change_is_refused_naming_the_numbers(tmp_path):
     folder = fake_checkpoint(tmp_path / "s", engine="deepspeed", world=2, stage=2)
-    with pytest.raises(ConfigError) as e:  # the user changed the batch itself
-        plan_resume(folder, TrainArgs(per_device_train_batch_size=3), True, 2, 2)
-    assert "global batch of 8 samples (4 per device x 1 accumulation x 2 processes)" in str(e.value)
-    assert "this run's would be 6 (3 x 1 x 2)" in str(e.value)
+    # The user changed the batch itself: refused by the resume's settings check (which names
+    # every difference, tests/train/test_train_checkpointing.py) unless --resume_force.
+    assert plan_resume(folder, TrainArgs(per_device_train_batch_size=3), True, 2, 2).notes == []
+    forced = plan_resume(folder, TrainArgs(per_device_train_batch_size=3, resume_force=True),
+                         True, 2, 2)
+    assert "global batch of 8 samples (4 per device x 1 accumulation x 2 processes)" in forced.notes[0]
+    assert "this run's is 6 (3 x 1 x 2) (--resume_force)" in forced.notes[0]
     with pytest.raises(ConfigError, match="plain PyTorch engine, which cannot read DeepSpeed's"):
         plan_resume(folder, TrainArgs(per_device_train_batch_size=8), False, 0, 1)
     with pytest.raises(ConfigError, match="not to or from stage 0. Resume with --zero_stage 2"):

@@ -125,15 +125,14 @@ def plan_resume(folder: str | Path, train: TrainArgs, uses_deepspeed: bool, zero
                          f"on {world} process(es) instead of {saved.world_size}: "
                          f"per_device_train_batch_size {pd} -> {pd2}, "
                          f"gradient_accumulation_steps {acc} -> {acc2}")
-        else:
-            raise ConfigError(
-                f"{folder} was trained with a global batch of {saved.global_batch} samples "
-                f"({saved.per_device} per device x {saved.accumulation} accumulation x "
-                f"{saved.world_size} processes); this run's would be {pd * acc * world} "
-                f"({pd} x {acc} x {world}). The data order and the number of steps follow the "
-                "global batch, so the run would not continue where it stopped: choose "
-                "--per_device_train_batch_size and --gradient_accumulation_steps with per_device "
-                f"x accumulation x processes = {saved.global_batch}")
+        elif train.resume_force:
+            # The user changed the batch itself and accepted it: the data order and the step
+            # count follow the new global batch. Without --resume_force the resume's settings
+            # check refuses, naming this difference with every other one.
+            notes.append(f"{folder} was trained with a global batch of {saved.global_batch} "
+                         f"samples ({saved.per_device} per device x {saved.accumulation} "
+                         f"accumulation x {saved.world_size} processes); this run's is "
+                         f"{pd * acc * world} ({pd} x {acc} x {world}) (--resume_force)")
     universal = False
     if engine == "deepspeed" and (saved.zero_stage == 0) != (zero_stage == 0):
         raise ConfigError(
