@@ -54,7 +54,7 @@ gpu_peaks() {  # sample nvidia-smi every 5 s into the phase's logs (stopped by f
 model_folder() {
   [ -f "$Q7/tokenizer.json" ] || python3 -c "
 import sys; from pathlib import Path
-from bench.lib.train_speed import MODEL_CONFIGS, write_model_folder
+from bench.lib.shapes import MODEL_CONFIGS, write_model_folder
 write_model_folder(Path('$Q7'), MODEL_CONFIGS['qwen2-7b'], Path('$CHATFT_SHARED/assets/qwen.tiktoken'))"
 }
 train7b() {  # train7b OUTNAME ARGS...: the tutorial job on the random Qwen2-7B shape

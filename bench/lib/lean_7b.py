@@ -105,7 +105,7 @@ def train_args(name: str, model: Path, data: Path, run_dir: Path, steps: int, ca
     """``chatft train`` options of a row (after ``chatft train``)."""
     args = ["--model", str(model), "--random_init", "true", "--data", str(data),
             "--system", TUTORIAL_SYSTEM, "--output_dir", str(run_dir), "--max_steps", str(steps),
-            "--logging_steps", "1", "--save_steps", "0", "--export", "false", *LEAN, *ROWS[name]]
+            "--logging_steps", "1", "--save_strategy", "no", "--export", "false", *LEAN, *ROWS[name]]
     return args + (["--max_gpu_memory", cap] if cap else [])
 
 

@@ -122,7 +122,7 @@ def train_command(model: Path, data: Path, out: Path, s: TrainSettings) -> list[
             "--gradient_checkpointing", s.gradient_checkpointing,
             "--learning_rate", str(s.learning_rate), "--lr_scheduler_type", "cosine",
             "--warmup_ratio", "0.03", "--max_steps", str(s.max_steps),
-            "--logging_steps", "1", "--save_steps", "0", "--export", "true"]
+            "--logging_steps", "1", "--save_strategy", "no", "--export", "true"]
 
 
 def train_summary(run: PhaseRun, out: Path, params: int) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def chatft_command(*, model: Path, data: Path, out: Path, gpus: int, settings: C
            "--gradient_accumulation_steps", str(accum),
            # CPU smoke runs train in fp32 (chatft's choice on a CPU); GPUs in bf16.
            "--precision", "auto" if cpu_smoke else "bf16",
-           "--logging_steps", "1", "--save_steps", "0", "--export", str(export).lower(),
+           "--logging_steps", "1", "--save_strategy", "no", "--export", str(export).lower(),
            "--attn_implementation", settings.attn, "--liger_kernel", settings.liger,
            "--gradient_checkpointing", _checkpointing(settings, gpus),
            "--compile", str(settings.compile).lower()]

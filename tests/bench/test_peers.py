@@ -317,7 +317,7 @@ def test_shared_evaluator_equals_chatfts_held_out_loss(tmp_path, qwen_tokenizer,
     src.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     run_chatft("train", "--model", model, "--data", src, "--system", pc.SYSTEM_PROMPT,
                "--eval_ratio", "0.1", "--max_steps", "1", "--per_device_train_batch_size", "8",
-               "--output_dir", tmp_path / "run", "--export", "false", "--save_steps", "0")
+               "--output_dir", tmp_path / "run", "--export", "false", "--save_strategy", "no")
     chatft_before = [m["eval_loss"] for m in metrics(tmp_path / "run") if "eval_loss" in m][0]
 
     files = pc.write_split(records, tmp_path / "split")

@@ -133,7 +133,7 @@ def test_train_command_is_the_one_gpu_recommended_job():
     assert (args["--backend"], args["--precision"], args["--gradient_checkpointing"]) \
         == ("torch", "bf16", "on")
     assert (args["--per_device_train_batch_size"], args["--micro_batch_tokens"]) == ("128", "4096")
-    assert (args["--max_steps"], args["--export"], args["--save_steps"]) == ("8", "true", "0")
+    assert (args["--max_steps"], args["--export"], args["--save_strategy"]) == ("8", "true", "no")
     assert "--random_init" not in args  # the folder's own weights, converted in memory
 
 

@@ -265,3 +265,43 @@ def test_a_real_full_filesystem(tmp_path, engine_and_record):
         assert not list(ckpt.checkpoints_dir(mount / "run").glob("*"))
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+# ------------------------------------------------- the first checkpoint checked before step 1
+
+
+def test_a_run_whose_checkpoint_cannot_fit_is_refused_before_training(tmp_path, engine_and_record,
+                                                                      monkeypatch):
+    """The check before step 1 uses the engine's own estimate; saving off skips it."""
+    engine, _ = engine_and_record
+    args = TrainArgs(output_dir=str(tmp_path))
+    monkeypatch.setattr(checkpointing, "free_bytes", lambda path: engine.checkpoint_bytes() - 1)
+    with pytest.raises(DiskFullError) as err:
+        checkpointing.check_space_before_training(engine, args, saves=True)
+    text = str(err.value)
+    assert "checkpoints: not enough disk space" in text and "--save_strategy no" in text
+    checkpointing.check_space_before_training(engine, args, saves=False)
+    monkeypatch.setattr(checkpointing, "free_bytes", lambda path: engine.checkpoint_bytes())
+    checkpointing.check_space_before_training(engine, args, saves=True)
+
+
+def test_the_loop_refuses_before_its_first_step(tmp_path, engine_and_record, monkeypatch):
+    """loop.train runs the check before any step: a shortage leaves the weights untouched."""
+    import numpy as np
+
+    from chatft.data.prepare import TokenizedDataset
+    from chatft.train import loop
+
+    engine, record = engine_and_record
+    n, length = 4, 6
+    data = TokenizedDataset(input_ids=np.arange(n * length, dtype=np.int32) % 50 + 10,
+                            loss_mask=np.ones(n * length, dtype=bool),
+                            offsets=np.arange(0, n * length + 1, length, dtype=np.int64),
+                            record_index=np.arange(n, dtype=np.int64), summary=None)
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    monkeypatch.setattr(checkpointing, "free_bytes", lambda path: 1)
+    args = TrainArgs(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
+                     num_train_epochs=1)
+    with pytest.raises(DiskFullError, match="--save_strategy no"):
+        loop.train(engine, loop.TrainData(data, None, 0, packing=True), args, record)
+    assert all(torch.equal(before[k], v) for k, v in engine.model.state_dict().items())

@@ -98,6 +98,21 @@ def _needed_bytes(engine: Engine, out: Path) -> int:
     return int(found["total_bytes"]) if found and "total_bytes" in found else needed
 
 
+def check_space_before_training(engine: Engine, args: TrainArgs, saves: bool) -> None:
+    """Refuse to start a run whose first checkpoint cannot fit on the disk (every process
+    calls this). Without it the shortage shows only at the first save, after an epoch of
+    work; a 7B model's checkpoint with fp32 AdamW states is ~120 GB."""
+    if not saves:
+        return
+    out = Path(args.output_dir)
+    needed = _needed_bytes(engine, out)
+    short = engine.rank == 0 and free_bytes(out) < needed
+    if _count(engine, short)[0]:
+        raise _every_rank(DiskFullError(
+            disk_full_message("checkpoints", out, needed)
+            + "; or train without checkpoints: --save_strategy no"))
+
+
 def save_checkpoint(engine: Engine, args: TrainArgs, step: int, record: Any,
                     state: dict[str, Any], protected: Collection[Path] = ()) -> Path | None:
     """Save step ``step`` (every process calls this); returns the checkpoint folder, or None

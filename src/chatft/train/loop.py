@@ -35,7 +35,7 @@ from chatft.data.prepare import TokenizedDataset
 from chatft.errors import ChatftError
 from chatft.train.batching import (CUDA_TOKEN_MULTIPLE, Batch, StepPlan, eval_plans, pack, pad,
                                    plan_step)
-from chatft.train.checkpointing import resume, save_checkpoint
+from chatft.train.checkpointing import check_space_before_training, resume, save_checkpoint
 from chatft.train.divergence import BadStepGuard, bad_step_reason
 from chatft.train.engine import Engine, Forward
 from chatft.train.evaluation import History, due
@@ -172,6 +172,7 @@ def train(engine: Engine, data: TrainData, args: TrainArgs, record: RunRecord) -
                                     args.early_stopping_patience, args.early_stopping_threshold)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    check_space_before_training(engine, args, saves=schedule.save != "no")
     say(f"{len(train_data.lengths)} training samples, global batch {length.global_batch}, "
         f"{per_epoch} steps/epoch, {total_steps} steps, {world} process(es) on {device.type}, "
         f"{engine.description}, {engine.precision}", rank)
