@@ -72,15 +72,20 @@ def _torchrun_nodes(common: list, port: int, extra=(), timeout_s: int = 180) -> 
             for r in (0, 1)]
 
 
-def _finish(nodes: list[subprocess.Popen], timeout: int = 900) -> list[str]:
-    """Wait for every node; each must succeed. Returns their stderr."""
+def _wait(nodes: list[subprocess.Popen], timeout: int) -> list[tuple[str, str]]:
+    """Every node's (stdout, stderr); a node still running after ``timeout`` is killed."""
     try:
-        outs = [p.communicate(timeout=timeout) for p in nodes]
+        return [p.communicate(timeout=timeout) for p in nodes]
     finally:
         for p in nodes:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def _finish(nodes: list[subprocess.Popen], timeout: int = 900) -> list[str]:
+    """Wait for every node; each must succeed. Returns their stderr."""
+    outs = _wait(nodes, timeout)
     for p, (_, err) in zip(nodes, outs):
         assert p.returncode == 0, f"node exited {p.returncode}:\n{err[-6000:]}"
     return [err for _, err in outs]
@@ -178,13 +183,7 @@ def test_an_output_folder_each_node_does_not_share_is_refused_at_start(tmp_path,
     common = _common(tiny_qwen2_dir, chat_small, tmp_path / "node0-disk", steps=400)
     nodes = _nodes(common, free_port(), ["--zero_stage", 2], 60,
                    other_output=tmp_path / "node1-disk")
-    try:
-        outs = [p.communicate(timeout=300) for p in nodes]
-    finally:
-        for p in nodes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outs = _wait(nodes, 300)
     for p, (_, err) in zip(nodes, outs):
         assert p.returncode != 0
         assert "is not shared between the nodes" in err, err[-4000:]

@@ -37,31 +37,37 @@ class HostArena:
     (an MLP matrix's 67.9 MB of codes takes a 128 MiB block). Slabs of a power-of-two size
     waste nothing to that rounding; tensors are placed first-fit and never freed (the
     optimizer's moments live as long as training). A tensor larger than a slab gets its own
-    allocation. ``slab_bytes`` 0: no slabs, every tensor its own (unpinned) allocation -- what
-    a machine without CUDA uses, since a checkpoint stores each slab whole."""
+    allocation. Each slab holds tensors of one dtype (uint8 codes, fp32 scales, ...):
+    ``torch.save`` refuses a storage viewed as two dtypes, and a checkpoint stores the
+    optimizer's moments as views of their slabs (each slab written once, whole). ``slab_bytes``
+    0: no slabs, every tensor its own (unpinned) allocation -- what a machine without CUDA
+    uses."""
 
     def __init__(self, pin: bool, slab_bytes: int = SLAB_BYTES):
         self.pin, self.slab_bytes = pin, slab_bytes
-        self.slabs: list[torch.Tensor] = []  # uint8 [slab_bytes] each
-        self.used: list[int] = []  # bytes placed in each slab
+        self.slabs: dict[torch.dtype, list[torch.Tensor]] = {}  # dtype -> [slab_bytes / itemsize] each
+        self.used: dict[torch.dtype, list[int]] = {}  # bytes placed in each slab of a dtype
         self.own_bytes = 0  # tensors too large for a slab
 
     @property
     def reserved_bytes(self) -> int:
         """Host memory this arena holds."""
-        return len(self.slabs) * self.slab_bytes + self.own_bytes
+        return sum(map(len, self.slabs.values())) * self.slab_bytes + self.own_bytes
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
         """An uninitialized host tensor of ``t``'s shape and dtype (contiguous)."""
-        nbytes = t.numel() * t.element_size()
-        where = place_in_slab(self.used, nbytes, self.slab_bytes) if self.slab_bytes else None
+        size = t.element_size()
+        nbytes = t.numel() * size
+        used = self.used.setdefault(t.dtype, [])
+        where = place_in_slab(used, nbytes, self.slab_bytes) if self.slab_bytes else None
         if where is None:
             self.own_bytes += nbytes
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-        index, start = where
-        if index == len(self.slabs):
-            self.slabs.append(torch.empty(self.slab_bytes, dtype=torch.uint8, pin_memory=self.pin))
-        return self.slabs[index][start:start + nbytes].view(t.dtype).view(t.shape)
+        index, start = where  # start: a multiple of ALIGN bytes, so of the element size
+        slabs = self.slabs.setdefault(t.dtype, [])
+        if index == len(slabs):
+            slabs.append(torch.empty(self.slab_bytes // size, dtype=t.dtype, pin_memory=self.pin))
+        return slabs[index][start // size:start // size + t.numel()].view(t.shape)
 
 
 def _inner(t: torch.Tensor) -> tuple[list[str], Any]:

@@ -68,22 +68,22 @@ def is_quantized(numel: int, optim: str) -> bool:
     return block is not None and numel >= MIN_QUANTIZED_NUMEL and numel % block == 0
 
 
-def moment_parts(numel: int, optim: str) -> list[int]:
-    """Bytes of each stored tensor of one parameter's two moments (codes, scales, code map,
-    or the plain fp32 tensors): what is allocated and moved."""
+def moment_parts(numel: int, optim: str) -> list[tuple[int, str]]:
+    """``(bytes, dtype)`` of each stored tensor of one parameter's two moments (codes, scales,
+    code map, or the plain fp32 tensors): what is allocated and moved."""
     if not is_quantized(numel, optim):
-        return [4 * numel, 4 * numel]
+        return [(4 * numel, "float32")] * 2
     block = BLOCK[optim]
-    if optim == "adamw_torch_8bit":
-        moment = [numel, 4 * numel // block, 4 * 256]  # uint8 codes, fp32 scales, fp32 map
-    else:
-        moment = [numel // 2, 4 * numel // block, 4 * 16]  # packed 4-bit codes, scales, map
+    if optim == "adamw_torch_8bit":  # uint8 codes, fp32 scales, fp32 map
+        moment = [(numel, "uint8"), (4 * numel // block, "float32"), (4 * 256, "float32")]
+    else:  # packed 4-bit codes, scales, map
+        moment = [(numel // 2, "uint8"), (4 * numel // block, "float32"), (4 * 16, "float32")]
     return moment + moment
 
 
 def moment_bytes(numel: int, optim: str) -> int:
     """Bytes of one parameter tensor's Adam moments (both of them)."""
-    return sum(moment_parts(numel, optim))
+    return sum(size for size, _ in moment_parts(numel, optim))
 
 
 def place_in_slab(used: list[int], size: int, slab_bytes: int = SLAB_BYTES,
@@ -108,16 +108,19 @@ def pinned_block(nbytes: int) -> int:
     return 1 << max(nbytes - 1, 0).bit_length()
 
 
-def first_fit_slabs(sizes: Sequence[int], slab_bytes: int = SLAB_BYTES,
+def first_fit_slabs(parts: Sequence[int | tuple[int, str]], slab_bytes: int = SLAB_BYTES,
                     align: int = ALIGN) -> tuple[list[int], int]:
-    """Place tensors of ``sizes`` bytes (in arrival order) with :func:`place_in_slab`;
-    returns (bytes used of each slab, pinned bytes of the tensors allocated alone)."""
-    used: list[int] = []
+    """Place tensors of ``parts`` (bytes, or ``(bytes, dtype)``: each dtype has slabs of its
+    own, as in the arena) in arrival order with :func:`place_in_slab`; returns (bytes used of
+    each slab, dtype by dtype in order of first appearance; pinned bytes of the tensors
+    allocated alone)."""
+    used: dict[str, list[int]] = {}
     own = 0
-    for size in sizes:
-        if place_in_slab(used, size, slab_bytes, align) is None:
+    for part in parts:
+        size, kind = part if isinstance(part, tuple) else (part, "")
+        if place_in_slab(used.setdefault(kind, []), size, slab_bytes, align) is None:
             own += pinned_block(size)
-    return used, own
+    return [u for kind_used in used.values() for u in kind_used], own
 
 
 @dataclass(frozen=True)
