@@ -106,6 +106,25 @@ def llama_side(job_path: str, out_path: str) -> None:
 
 # --------------------------------------------------------------------------- chatft side
 
+def unit_scale_(model, seed: int = 0) -> None:
+    """Redraw every parameter in place at unit scale (``randn / sqrt(fan_in)``, norms
+    ``1 + 0.1 randn``, biases ``0.1 randn``): every tensor moves the logits and the top token is
+    clear, where the usual 0.02-std initialization leaves them nearly flat."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+
+
 def tiny_qwen2_folder(folder: Path, tiktoken: Path) -> Path:
     """A random Qwen2 (hidden 64, 2 layers, GQA 4/2) with the Qwen tokenizer, unit-scale
     weights (so the top token is clear), saved as chatft's export writes a folder (bf16)."""
@@ -122,17 +141,7 @@ def tiny_qwen2_folder(folder: Path, tiktoken: Path) -> Path:
                       rope_theta=10000.0, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, bos_token_id=None)
     model = Qwen2ForCausalLM(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    unit_scale_(model, seed=0)
     model.to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     write_meta(folder, ChatMeta(system_prompt=QWEN_PERSONA, eot_token="<|im_end|>",

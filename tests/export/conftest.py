@@ -6,9 +6,8 @@
   with SmolLM2-135M-Instruct's own tokenizer (from the embedded default model), bf16 weights
   (chatft's default ``export_dtype``).
 
-Weights are drawn at unit scale (``randn / sqrt(fan_in)``, norms ``1 + 0.1 randn``, biases
-``0.1 randn``) so every tensor moves the logits and the top token is clear: with the usual
-0.02-std initialization logits are nearly flat and a misplaced tensor could go unnoticed.
+Weights are drawn at unit scale (``bench.lib.gguf_llamacpp.unit_scale_``) so every tensor moves
+the logits and the top token is clear.
 """
 
 from __future__ import annotations
@@ -18,25 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.lib.gguf_llamacpp import unit_scale_  # the weights the benchmark draws too
+
 PERSONA_QWEN = "现在你要扮演皇帝身边的女人--甄嬛."
 PERSONA_LLAMA = "You are Elias Marlowe, the keeper of the Gullrock Lighthouse."
-
-
-def unit_scale_(model, seed: int = 0) -> None:
-    """Redraw every parameter in place at unit scale (see the module docstring)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
 
 
 def save_folder(folder: Path, model, tokenizer, persona: str, dtype) -> Path:
