@@ -104,3 +104,25 @@ def test_without_compensation_bf16_weights_lose_the_small_updates(bf16_with_mast
     losses = train_steps(engine, STEPS, 2e-5)
     drop = bf16_with_masters[0] - bf16_with_masters[-1]
     assert losses[0] - losses[-1] < 0.5 * drop
+
+
+def test_torchao_choices_compile_in_this_process_unless_the_environment_says(monkeypatch):
+    """One compile worker per core would hold host memory for the whole run (see
+    compile_in_process); TORCHINDUCTOR_COMPILE_THREADS still wins."""
+    import torch
+    from torch._inductor import config as inductor
+
+    from chatft.config import TrainArgs
+    from chatft.train.optim_choice import optimizer_factory
+
+    t = TrainArgs(optim="adamw_torch_8bit")
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor, "compile_threads", 4)
+    optimizer_factory(TrainArgs(), "fp32", torch.device("cpu"))  # fp32 AdamW: nothing compiled
+    assert inductor.compile_threads == 4
+    optimizer_factory(t, "fp32", torch.device("cpu"))
+    assert inductor.compile_threads == 1
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    monkeypatch.setattr(inductor, "compile_threads", 3)
+    optimizer_factory(t, "fp32", torch.device("cpu"))
+    assert inductor.compile_threads == 3
