@@ -81,7 +81,8 @@ def test_first_fit_slabs_by_hand():
     # 600 opens slab 0; 500 does not fit after it and opens slab 1; 300 fits slab 0 at 600;
     # 1200 is larger than a slab (its own pinned block of 2048); 90 fits slab 0 at 904
     # (900 rounded up to the alignment of 8).
-    assert first_fit_slabs([600, 500, 300, 1200, 90], slab_bytes=1000, align=8) == ([994, 500], 2048)
+    assert first_fit_slabs([(n, "uint8") for n in (600, 500, 300, 1200, 90)], slab_bytes=1000,
+                           align=8) == ([994, 500], 2048)
     assert pinned_block(1200) == 2048 and pinned_block(1024) == 1024 and pinned_block(1) == 1
     # one slab set per dtype: 600 uint8 opens a uint8 slab, 300 fp32 an fp32 one, 500 uint8
     # does not fit after 600 and opens a second uint8 slab, 200 fp32 fits at 304

@@ -108,16 +108,14 @@ def pinned_block(nbytes: int) -> int:
     return 1 << max(nbytes - 1, 0).bit_length()
 
 
-def first_fit_slabs(parts: Sequence[int | tuple[int, str]], slab_bytes: int = SLAB_BYTES,
+def first_fit_slabs(parts: Sequence[tuple[int, str]], slab_bytes: int = SLAB_BYTES,
                     align: int = ALIGN) -> tuple[list[int], int]:
-    """Place tensors of ``parts`` (bytes, or ``(bytes, dtype)``: each dtype has slabs of its
-    own, as in the arena) in arrival order with :func:`place_in_slab`; returns (bytes used of
-    each slab, dtype by dtype in order of first appearance; pinned bytes of the tensors
-    allocated alone)."""
+    """Place tensors of ``parts`` (``(bytes, dtype)``; each dtype has slabs of its own, as in
+    the arena) in arrival order with :func:`place_in_slab`; returns (bytes used of each slab,
+    dtype by dtype in order of first appearance; pinned bytes of the tensors allocated alone)."""
     used: dict[str, list[int]] = {}
     own = 0
-    for part in parts:
-        size, kind = part if isinstance(part, tuple) else (part, "")
+    for size, kind in parts:
         if place_in_slab(used.setdefault(kind, []), size, slab_bytes, align) is None:
             own += pinned_block(size)
     return [u for kind_used in used.values() for u in kind_used], own
