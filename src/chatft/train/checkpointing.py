@@ -101,7 +101,8 @@ def _needed_bytes(engine: Engine, out: Path) -> int:
 def check_space_before_training(engine: Engine, args: TrainArgs, saves: bool) -> None:
     """Refuse to start a run whose first checkpoint cannot fit on the disk (every process
     calls this). Without it the shortage shows only at the first save, after an epoch of
-    work; a 7B model's checkpoint with fp32 AdamW states is ~120 GB."""
+    work. The optimizer's moments do not exist yet, so the estimate counts the weights only:
+    a lower bound (each save checks its full size again)."""
     if not saves:
         return
     out = Path(args.output_dir)
