@@ -140,12 +140,14 @@ def lf_config(*, model: Path, data_dir: Path, out: Path, per_device: int, accumu
               cutoff_len: int, packing: str, gpu: bool, epochs: float,
               learning_rate: float, gradient_checkpointing: bool = True,
               deepspeed: Path | None = None, eval_each_epoch: bool = False,
-              save_each_epoch: bool = False, seed: int = 42) -> dict[str, Any]:
+              save_each_epoch: bool = False, seed: int = 42, liger: bool = True
+              ) -> dict[str, Any]:
     """LLaMA-Factory's training YAML (``llamafactory-cli train FILE``) as a dict.
 
     ``packing``: ``"neat"`` (``neat_packing``: packed rows, attention kept inside each sample),
     ``"plain"`` (``packing``: packed rows, attention across samples) or ``"none"``. ``gpu``
-    False turns off what only a GPU has (bf16, Liger). Attention: ``sdpa`` (LLaMA-Factory's
+    False turns off what only a GPU has (bf16, Liger); ``liger`` False turns Liger off on a GPU
+    too (a row that tells its kernels apart from the rest of the tool). Attention: ``sdpa`` (LLaMA-Factory's
     ``flash_attn: fa2`` needs the ``flash-attn`` package, which the GPU machine lacks; ``auto``
     would pick sdpa too); with ``neat_packing`` it builds a block-diagonal 4D mask per row.
     """
@@ -161,7 +163,7 @@ def lf_config(*, model: Path, data_dir: Path, out: Path, per_device: int, accumu
         "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation,
         "learning_rate": learning_rate, "num_train_epochs": epochs,
         "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "seed": seed,
-        "bf16": gpu, "enable_liger_kernel": gpu, "flash_attn": "sdpa",
+        "bf16": gpu, "enable_liger_kernel": gpu and liger, "flash_attn": "sdpa",
         "disable_gradient_checkpointing": not gradient_checkpointing,
         "dataloader_num_workers": 2, "ddp_timeout": 1800,
     }

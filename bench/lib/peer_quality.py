@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -63,6 +64,23 @@ def own_eval_losses(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"step": k, "eval_loss": v} for k, v in sorted(by_step.items())]
 
 
+def first_nonfinite_grad_norm(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The first logged step whose gradient norm is NaN or infinite (the tools go on training
+    on NaN weights without a word; the row must say so), or None.
+
+    >>> first_nonfinite_grad_norm({"logs": [{"step": 1, "grad_norm": 2.0, "loss": 4.0},
+    ...                                     {"step": 2, "grad_norm": float("nan"), "loss": 3.9},
+    ...                                     {"step": 3, "grad_norm": float("nan"), "loss": 0.0}]})
+    {'step': 2, 'loss_logged': 3.9, 'nonfinite_steps_logged': 2}
+    """
+    bad = [r for r in record.get("logs", [])
+           if isinstance(r.get("grad_norm"), (int, float)) and not math.isfinite(r["grad_norm"])]
+    if not bad:
+        return None
+    return {"step": bad[0]["step"], "loss_logged": bad[0].get("loss"),
+            "nonfinite_steps_logged": len(bad)}
+
+
 def train_time(record: dict[str, Any]) -> float | None:
     """Training loop wall time: ``on_train_begin`` to ``on_train_end`` (evaluations and
     checkpoint saves inside the loop included, model loading and tokenization not)."""
@@ -99,7 +117,8 @@ def describe(name: str, row, out: Path, rc: int, timed_out: bool, wall: float, r
                                "per_device_train_batch_size", "gradient_accumulation_steps",
                                "num_train_epochs", "bf16", "model_dtype", "attn_implementation",
                                "gradient_checkpointing")},
-                           "held_out_before": base_loss}
+                           "held_out_before": base_loss,
+                           "first_nonfinite_grad_norm": first_nonfinite_grad_norm(record)}
     ckpts = pr.epoch_checkpoints(out / "run")
     if name == "chatft":
         metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()

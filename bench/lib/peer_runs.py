@@ -46,6 +46,7 @@ class Row:
     gradient_checkpointing: bool = True
     attn: str = "sdpa"
     torch_dtype: str | None = None  # ms-swift only; None = its choice (bf16 on a GPU)
+    liger: bool = True  # the tool's Liger switch (on a GPU)
 
 
 SPEED_ROWS: dict[str, Row] = {r.name: r for r in (
@@ -68,6 +69,9 @@ SPEED_MORE = ("lf_packing", "swift_nopack", "lf_neat_nogc")
 QUALITY_ROWS: dict[str, Row] = {r.name: r for r in (
     Row("llamafactory", "llamafactory", "LLaMA-Factory, batch 16, no packing, fp32 master "
         "weights + bf16 autocast (its full fine-tuning default), Liger, sdpa"),
+    Row("llamafactory_noliger", "llamafactory", "LLaMA-Factory as the row above with Liger off "
+        "(enable_liger_kernel: false): tells Liger's kernels apart from the rest of the tool",
+        liger=False),
     Row("swift", "swift", "ms-swift, batch 16, no packing, weights in bf16 (--torch_dtype "
         "bfloat16, its documented setting), Liger, sdpa"),
     Row("swift_fp32", "swift", "ms-swift, batch 16, no packing, fp32 weights + bf16 autocast "
@@ -162,7 +166,8 @@ def quality_job(row: Row, ctx: Context, out: Path, epochs: float = pc.QUALITY["e
                            per_device=q["global_batch"], accumulation=1,
                            cutoff_len=pc.UNPACKED_CUTOFF, packing="none", gpu=ctx.gpu,
                            epochs=q["epochs"], learning_rate=q["learning_rate"],
-                           eval_each_epoch=True, save_each_epoch=True, seed=q["seed"])
+                           eval_each_epoch=True, save_each_epoch=True, seed=q["seed"],
+                           liger=row.liger)
         path = out / "llamafactory.yaml"
         path.write_text(pc.yaml_text(cfg))
         return [ctx.python, "-m", "llamafactory.cli", "train", str(path)], {}, path

@@ -361,6 +361,7 @@ def test_quality_rows_train_at_equal_settings(tmp_path):
                               cfg["learning_rate"], cfg["num_train_epochs"], cfg["lr_scheduler_type"],
                               cfg["warmup_ratio"], cfg["bf16"])
             assert cfg["packing"] is False and cfg["save_strategy"] == "epoch"
+            assert cfg["enable_liger_kernel"] is (row.name != "llamafactory_noliger")
         else:
             a = _pairs(cmd[cmd.index("sft") + 1:])
             seen[row.name] = (int(a["--per_device_train_batch_size"])
@@ -394,3 +395,14 @@ def test_segments_from_a_block_diagonal_mask_when_position_ids_run_on():
                     "attention_mask": torch.tensor([[1, 2, 2, 0]])})  # segment ids
     out = counter.drain()
     assert out["lengths"] == [2, 3, 1, 2] and out["trained_per_sample"] == [1, 2, 0, 0]
+
+
+def test_first_nonfinite_grad_norm_flags_a_nan_run():
+    from bench.lib import peer_quality
+    logs = {"logs": [{"step": 1, "grad_norm": 2.0, "loss": 4.0},
+                     {"step": 2, "eval_loss": 3.0},
+                     {"step": 3, "grad_norm": float("inf"), "loss": 3.9},
+                     {"step": 4, "grad_norm": float("nan"), "loss": 0.0}]}
+    assert peer_quality.first_nonfinite_grad_norm(logs) == {
+        "step": 3, "loss_logged": 3.9, "nonfinite_steps_logged": 2}
+    assert peer_quality.first_nonfinite_grad_norm({"logs": logs["logs"][:2]}) is None
