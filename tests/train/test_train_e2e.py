@@ -6,6 +6,7 @@ fp32, and a global batch of 8 samples per step:
 
 * ``plain``       one process, no DeepSpeed, micro-batch 8 x accumulation 1
 * ``accum``       one process, no DeepSpeed, micro-batch 4 x accumulation 2
+* ``zero0``       2 processes, DeepSpeed without ZeRO (the default for several), micro-batch 4 each
 * ``zero2``       2 processes, DeepSpeed ZeRO-2, micro-batch 4 each
 * ``zero3``       2 processes, DeepSpeed ZeRO-3, micro-batch 4 each
 Their per-step losses must agree to fp32 round-off: the loss is normalized per trained token of
@@ -41,6 +42,7 @@ def runs(tmp_path_factory, tiny_qwen2_dir, chat_small) -> dict[str, Path]:
         "plain": ["--per_device_train_batch_size", "8"],
         "accum": ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
                   "--export", "false"],
+        "zero0": ["--per_device_train_batch_size", "4", "--nproc", "2", "--export", "false"],
         "zero2": ["--per_device_train_batch_size", "4", "--nproc", "2", "--zero_stage", "2"],
         "zero3": ["--per_device_train_batch_size", "4", "--nproc", "2", "--zero_stage", "3"],
     }
@@ -52,10 +54,10 @@ def runs(tmp_path_factory, tiny_qwen2_dir, chat_small) -> dict[str, Path]:
     return out
 
 
-def test_one_process_zero2_and_zero3_agree_step_by_step(runs):
+def test_one_process_zero0_zero2_and_zero3_agree_step_by_step(runs):
     plain = step_losses(runs["plain"])
     assert len(plain) == STEPS and plain[-1] < plain[0]
-    for name in ("zero2", "zero3"):
+    for name in ("zero0", "zero2", "zero3"):
         assert step_losses(runs[name]) == pytest.approx(plain, rel=2e-5), name
 
 

@@ -423,6 +423,10 @@ class DeepSpeedEngine(_Shared):
             if skip or not torch.isfinite(norm):
                 self.engine.zero_grad()
                 return float(norm)
+            # DeepSpeed reports no norm here (get_global_grad_norm is None without ZeRO's or
+            # fp16's optimizer): the one computed above is the step's.
+            self.engine.step()
+            return float(norm)
         # ZeRO 1-3: non-finite gradients (a non-finite loss made them NaN, see backward) make
         # DeepSpeed's optimizer skip the update and report an infinite norm.
         self.engine.step()
