@@ -16,11 +16,13 @@ the whole step, so the split into micro-batches and processes cannot change it.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from chatft.integrity import manifest
 from tests.train.conftest import metrics, run_chatft, step_losses
 
 pytestmark = pytest.mark.slow
@@ -70,6 +72,21 @@ def test_held_out_loss_is_logged_before_during_and_after(runs):
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert (runs["zero2"] / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["plain", "zero0", "zero2", "zero3"])
+def test_the_size_said_before_step_1_is_what_each_checkpoint_writes(runs, name):
+    """Before step 1 (no optimizer moments exist yet) the run says how large each checkpoint
+    will be; the engine's files of its first checkpoint (every process's share) are that size
+    to the 3 digits printed. The folder adds the tokenizer, the trainer state, the manifest and
+    DeepSpeed's conversion scripts."""
+    said = re.search(r"checkpoints: about ([\d.]+) (GB|MB|kB) each",
+                     (runs[name] / "stderr.txt").read_text())
+    estimate = float(said[1]) * {"GB": 1e9, "MB": 1e6, "kB": 1e3}[said[2]]
+    files = manifest.read_manifest(runs[name] / "checkpoints" / "step-000002")["files"]
+    written = sum(f["size"] for path, f in files.items()
+                  if path == "engine_state.pt" or path.startswith("engine/"))
+    assert abs(estimate / written - 1) < 0.01, (estimate, written)
 
 
 def test_checkpoints_are_complete_and_rotated(runs):

@@ -100,18 +100,20 @@ def _needed_bytes(engine: Engine, out: Path) -> int:
 
 def check_space_before_training(engine: Engine, args: TrainArgs, saves: bool) -> None:
     """Refuse to start a run whose first checkpoint cannot fit on the disk (every process
-    calls this). Without it the shortage shows only at the first save, after an epoch of
-    work. The optimizer's moments do not exist yet, so the estimate counts the weights only:
-    a lower bound (each save checks its full size again)."""
+    calls this), and say how large each checkpoint will be. Without it the shortage shows only
+    at the first save, after an epoch of work. The size is the full checkpoint's: the engines
+    count the optimizer's moments, which do not exist before step 1 (each save checks again,
+    against the newest checkpoint's size once there is one)."""
     if not saves:
         return
     out = Path(args.output_dir)
     needed = _needed_bytes(engine, out)
-    short = engine.rank == 0 and free_bytes(out) < needed
-    if _count(engine, short)[0]:
+    free = free_bytes(out) if engine.rank == 0 else 0
+    if _count(engine, engine.rank == 0 and free < needed)[0]:
         raise _every_rank(DiskFullError(
             disk_full_message("checkpoints", out, needed)
             + "; or train without checkpoints: --save_strategy no"))
+    say(f"checkpoints: about {gb(needed)} each, {gb(free)} free in {out}", engine.rank)
 
 
 def save_checkpoint(engine: Engine, args: TrainArgs, step: int, record: Any,

@@ -30,6 +30,7 @@ from chatft.train.batching import Batch
 from chatft.train.loss import CausalLMLoss
 from chatft.train.optim import MasterWeightAdamW, adamw, param_groups
 from chatft.train.optim_choice import build_optimizer, set_lr
+from chatft.train.optim_memory import first_fit_slabs, moment_bytes, moment_parts
 
 log = logging.getLogger("chatft")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -94,7 +95,11 @@ class Engine(TrainedWeights, Forward, Protocol):
         ...
 
     def checkpoint_bytes(self) -> int:
-        """About how many bytes this process's part of a checkpoint takes (before writing)."""
+        """About how many bytes this process's part of a checkpoint takes: the tensors
+        :meth:`save` writes, the optimizer's moments for every trainable parameter included
+        whether or not they exist yet (optimizers create them at their first step, so before
+        step 1 this is still the full size). Files beside them (config, tokenizer, trainer
+        state, manifest) are not counted."""
         ...
 
     def current_lr(self) -> float:
@@ -229,6 +234,7 @@ class TorchEngine(TorchForward):
                  device: torch.device, fused_kernel: str):
         super().__init__(model, precision, device, fused_kernel)
         self.max_grad_norm = args.max_grad_norm
+        self.optim = args.optim
         groups = param_groups(self.model, args.weight_decay)
         self.optimizer: Any = build_optimizer(args, groups, precision, device)
         self.in_backward = args.optimizer_in_bwd
@@ -317,10 +323,30 @@ class TorchEngine(TorchForward):
         return _all_finite([*self._params, *masters])
 
     def checkpoint_bytes(self) -> int:
-        # "model" at full precision (fp32 masters in bf16 runs) + the optimizer's tensors
-        model = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
-                    for t in self.model.state_dict().values())
-        return model + _tensor_bytes(self.optimizer.state_dict())
+        # "model": what full_state_dict writes, one copy per name (tied weights twice), the
+        # fp32 master where a parameter has one. "optimizer": the masters again
+        # (MasterWeightAdamW's state) and the Adam moments of every trainable parameter, as the
+        # configured optimizer stores them (optim_memory.moment_parts: fp32, or low-bit codes,
+        # scales and code map); they are counted, not read, because before step 1 they do not
+        # exist. With moments in host slabs a checkpoint writes each slab whole.
+        masters = self.optimizer.master_state() if hasattr(self.optimizer, "master_state") else {}
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        model = 0
+        for name, tensor in self.model.state_dict().items():
+            src = masters.get(id(named[name]), tensor) if name in named else tensor
+            model += _tensor_bytes(src)
+        # in about the order gradients become ready (the reverse of the model's), in which
+        # host slabs are filled
+        where = {id(p): i for i, p in enumerate(self.model.parameters())}
+        order = sorted(self._params, key=lambda p: -where[id(p)])
+        parts = [part for p in order for part in moment_parts(p.numel(), self.optim)]
+        arena = getattr(getattr(self.optimizer, "host", None), "arena", None)
+        if arena is not None and arena.slab_bytes:
+            used, _ = first_fit_slabs(parts, arena.slab_bytes)
+            moments = len(used) * arena.slab_bytes + sum(n for n, _ in parts if n > arena.slab_bytes)
+        else:
+            moments = sum(n for n, _ in parts)
+        return model + _tensor_bytes(list(masters.values())) + moments
 
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Trained weights (fp32 masters when training in bf16) on the CPU, cast to ``dtype``
@@ -438,15 +464,25 @@ class DeepSpeedEngine(_Shared):
         return _all_finite([getattr(p, "ds_tensor", p.data) for p in self.model.parameters()])
 
     def checkpoint_bytes(self) -> int:
-        # The inner optimizer's state (Adam moments) and, under ZeRO, its parameters: this
-        # process's fp32 partitions. Process 0 also writes the model's working weights
-        # (not under ZeRO-3, which partitions them into the optimizer files).
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        total = _tensor_bytes(list(inner.state.values()))
-        if self.stage > 0:
-            total += sum(_tensor_bytes(p.data) for g in inner.param_groups for p in g["params"])
-        elif self.rank != 0:
-            return 0  # without ZeRO, process 0 writes everything
+        # The inner optimizer (torch's or DeepSpeed's AdamW) steps fp32 tensors: under ZeRO this
+        # process's partitions, without it the model's own fp32 weights (or the fp32 copies of
+        # DeepSpeed's fp16/bf16 wrapper). Each gets two fp32 moments, counted whether or not
+        # they exist yet, and a tensor that is not a model weight is written as well. Process
+        # 0 also writes the model's working weights (not under ZeRO-3, which keeps them only in
+        # the partitions). Without ZeRO process 0 writes everything.
+        if self.stage == 0 and self.rank != 0:
+            return 0
+        if self.stage == 3:  # its fp32 partitions (some may be on NVMe) meet the inner
+            # optimizer only while it steps them; their sizes stay here
+            copies, own = list(self.optimizer.fp16_partitioned_groups_flat_numel), []
+        else:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            weights = {id(p) for p in self.model.parameters()}
+            stepped = [p for g in inner.param_groups for p in g["params"]]
+            copies = [p.numel() for p in stepped if id(p) not in weights]
+            own = [p.numel() for p in stepped if id(p) in weights]
+        total = sum(4 * n + moment_bytes(n, "adamw_torch") for n in copies)
+        total += sum(moment_bytes(n, "adamw_torch") for n in own)
         if self.rank == 0 and self.stage < 3:
             total += sum(_tensor_bytes(p.data) for p in self.model.parameters())
         return total
