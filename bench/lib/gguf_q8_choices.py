@@ -138,7 +138,8 @@ def run(args) -> dict:
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     ref = {k: logits(model, v) for k, v in sets.items()}
     rows = []
-    for choice, f16_groups in CHOICES.items():
+    for choice in args.choices.split(","):
+        f16_groups = CHOICES[choice]
         t0 = time.perf_counter()
         rounded, nbytes = rounded_state(state, f16_groups, tied)
         model.load_state_dict(rounded, strict=False)
@@ -146,6 +147,18 @@ def run(args) -> dict:
             model.tie_weights()
         row = {"choice": choice, "f16_groups": list(f16_groups),
                "tensor_mib": round(nbytes / 2**20, 1)}
+        for k, v in sets.items():
+            row[k] = compare(ref[k], logits(model, v))
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.gguf:  # the exported file itself, read by transformers (gguf_file=)
+        t0 = time.perf_counter()
+        gguf = Path(args.gguf)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32).eval()
+        row = {"choice": "gguf_file", "file": str(gguf), "file_mib": round(gguf.stat().st_size / 2**20, 1)}
         for k, v in sets.items():
             row[k] = compare(ref[k], logits(model, v))
         row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -166,7 +179,7 @@ def print_table(result: dict) -> None:
     for r in result["rows"]:
         cells = "".join(f" {r[s]['top1_agreement']:>9.2%} ({r[s]['flips']:>3}) "
                         f"{r[s]['max_rel_diff']:>8.2e} {r[s]['mean_abs_diff']:>8.4f}" for s in sets)
-        print(f"{r['choice']:<22} {r['tensor_mib']:>6.1f}{cells}")
+        print(f"{r['choice']:<22} {r.get('tensor_mib', r.get('file_mib')):>6.1f}{cells}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,12 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--huanhuan", default="../shared/data/huanhuan.json")
     p.add_argument("--huanhuan-records", type=int, default=20)
     p.add_argument("--note", default="", help="recorded in the result (where the folder came from)")
+    p.add_argument("--choices", default=",".join(CHOICES),
+                   help=f"comma-separated, of {', '.join(CHOICES)} (default: all)")
+    p.add_argument("--gguf", help="also compare a GGUF file exported from --folder, as "
+                   "transformers reads it (gguf_file=)")
     p.add_argument("--out", default="bench/results/gguf_q8_choices_cpu.json")
     args = p.parse_args(argv)
+    unknown = set(args.choices.split(",")) - set(CHOICES)
+    if unknown:
+        p.error(f"--choices: unknown {', '.join(sorted(unknown))}")
     result = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print_table(result)
-    print(json.dumps({r["choice"]: {"mib": r["tensor_mib"], **{k: round(r[k]["top1_agreement"], 4)
+    print(json.dumps({r["choice"]: {"mib": r.get("tensor_mib", r.get("file_mib")), **{k: round(r[k]["top1_agreement"], 4)
                       for k in ("persona", "probe", "huanhuan") if k in r}} for r in result["rows"]}))
     return 0

@@ -81,6 +81,16 @@ def first_nonfinite_grad_norm(record: dict[str, Any]) -> dict[str, Any] | None:
             "nonfinite_steps_logged": len(bad)}
 
 
+def chatft_train_time(log: Path) -> tuple[float | None, int | None]:
+    """chatft's training loop time and steps from its closing line ("trained 630 steps in
+    115.7 s ..."; evaluations inside the loop included, as in the tools' ``train_time``)."""
+    import re
+
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    found = re.findall(r"trained (\d+) steps in ([\d.]+) s", text)
+    return (float(found[-1][1]), int(found[-1][0])) if found else (None, None)
+
+
 def train_time(record: dict[str, Any]) -> float | None:
     """Training loop wall time: ``on_train_begin`` to ``on_train_end`` (evaluations and
     checkpoint saves inside the loop included, model loading and tokenization not)."""
@@ -126,11 +136,15 @@ def describe(name: str, row, out: Path, rc: int, timed_out: bool, wall: float, r
         res["own_eval_loss"] = [{"step": m["step"], "eval_loss": m["eval_loss"]}
                                 for m in metrics if "eval_loss" in m]
         ckpts = [out / "run" / "final"] if (out / "run" / "final" / "config.json").is_file() else []
+        res["train_loop_s"], res["steps"] = chatft_train_time(out / "log.txt")
     res["held_out_per_epoch"] = []
     for ck in ckpts:
         loss = peer_eval.held_out_loss(ck, samples, device)
         res["held_out_per_epoch"].append({"checkpoint": str(ck), **loss})
     res["status"] = "ok" if rc == 0 and ckpts else "failed"
+    finite = all(math.isfinite(x.get("loss", math.nan)) for x in res["held_out_per_epoch"])
+    if res["status"] == "ok" and (res["first_nonfinite_grad_norm"] or not finite):
+        res["status"] = "diverged"  # finished, but its weights are NaN: no model to compare
     if res["status"] != "ok":
         res["error"] = pr.first_error(out / "log.txt") or ("timed out" if timed_out else f"exit code {rc}")
         res["log_tail"] = pr.log_tail(out / "log.txt")

@@ -406,3 +406,12 @@ def test_first_nonfinite_grad_norm_flags_a_nan_run():
     assert peer_quality.first_nonfinite_grad_norm(logs) == {
         "step": 3, "loss_logged": 3.9, "nonfinite_steps_logged": 2}
     assert peer_quality.first_nonfinite_grad_norm({"logs": logs["logs"][:2]}) is None
+
+
+def test_chatft_train_time_reads_its_closing_line(tmp_path):
+    from bench.lib import peer_quality
+    log = tmp_path / "log.txt"
+    log.write_text("train: 100%|...| 630/630\nchatft: trained 630 steps in 115.7 s (5,952 tokens/s)"
+                   "; held-out loss 5.4602 -> 4.4310\n")
+    assert peer_quality.chatft_train_time(log) == (115.7, 630)
+    assert peer_quality.chatft_train_time(tmp_path / "missing.txt") == (None, None)

@@ -25,6 +25,7 @@ from chatft.export.gguf import export_after_training
 from chatft.export.hf import export_trained
 from chatft.job import heartbeat, preflight
 from chatft.job.cluster import Placement
+from chatft.model.attention import avoid_cudnn_sdpa
 from chatft.model.build import build_model, use_liger
 from chatft.model.loading import ModelSource, load_tokenizer, model_config, resolve_model
 from chatft.train import loop, reshape
@@ -75,6 +76,8 @@ def make_engine(cfg: Config, source: ModelSource, precision: str, device: torch.
     model_dtype = torch.float32 if precision == "fp16" else dtype
     gc = cfg.model.gradient_checkpointing == "on"
     fused = "liger" if use_liger(cfg.model, device) else "chunked"
+    if device.type == "cuda":
+        avoid_cudnn_sdpa()  # its masked backward can return NaN (model/attention.py)
 
     def build(create_on: torch.device | None) -> torch.nn.Module:
         return build_model(cfg.model, source, dtype=model_dtype,

@@ -90,6 +90,17 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.unsqueeze(0), None
 
 
+def avoid_cudnn_sdpa() -> None:
+    """Keep SDPA off cuDNN's kernels in this (training) process; flash, memory-efficient and
+    math kernels stay. Why: cuDNN's SDPA backward with an explicit mask returns NaN ``grad_q``
+    when the sequence length % 128 == 64 and a query row's log-sum-exp is below -88.7
+    (pytorch/pytorch#196678: torch >= 2.11 on H100/H200, where cuDNN is SDPA's first choice).
+    Qwen2.5's attention-sink heads give such rows in every batch; LLaMA-Factory's SDPA run lost
+    its weights to it at its first batch padded to 192 tokens (bench/sdpa_mask_nan.py).
+    chatft's SDPA rows pass a block-diagonal mask, so they are exposed; varlen passes none."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 @functools.cache
 def register() -> str:
     """Make ``attn_implementation="varlen"`` known to transformers (no mask is built for it)."""
