@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print_table(result)
-    print(json.dumps({r["choice"]: {"mib": r.get("tensor_mib", r.get("file_mib")), **{k: round(r[k]["top1_agreement"], 4)
+    print(json.dumps({r["choice"]: {"mib": r.get("tensor_mib", r.get("file_mib")),
+                                    **{k: round(r[k]["top1_agreement"], 4)
                       for k in ("persona", "probe", "huanhuan") if k in r}} for r in result["rows"]}))
     return 0
