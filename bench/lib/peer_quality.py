@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -84,8 +85,6 @@ def first_nonfinite_grad_norm(record: dict[str, Any]) -> dict[str, Any] | None:
 def chatft_train_time(log: Path) -> tuple[float | None, int | None]:
     """chatft's training loop time and steps from its closing line ("trained 630 steps in
     115.7 s ..."; evaluations inside the loop included, as in the tools' ``train_time``)."""
-    import re
-
     text = log.read_text(errors="replace") if log.is_file() else ""
     found = re.findall(r"trained (\d+) steps in ([\d.]+) s", text)
     return (float(found[-1][1]), int(found[-1][0])) if found else (None, None)
