@@ -244,24 +244,16 @@ def test_a_disk_that_fills_up_while_saving_is_reported_and_cleaned(tmp_path, eng
     assert not list(ckpt.checkpoints_dir(tmp_path).glob("*.partial"))
 
 
-def _one_step(engine: TorchEngine) -> None:
-    """One optimizer step on a 7-token sequence: the optimizer's moments exist after it."""
-    from chatft.train.batching import Batch
-
-    ids = torch.arange(10, 18)[None]
-    loss, n = engine.forward(Batch(ids[:, :-1], torch.arange(7)[None], ids[:, 1:], None))
-    engine.backward(loss / n, True)
-    engine.step(1e-3)
-
-
 def test_a_real_full_filesystem(tmp_path, engine_and_record):
     """On a tmpfs (root only; skipped elsewhere) just larger than the engine's estimate (after
     a step, so that the moments the estimate counts are written): the check before writing
     passes, the tokenizer files do not fit, the real ENOSPC is reported."""
     import subprocess
 
+    from tests.train.lean_helpers import train_steps
+
     engine, record = engine_and_record
-    _one_step(engine)
+    train_steps(engine, range(1), 1e-3)
     mount = tmp_path / "small"
     mount.mkdir()
     size = engine.checkpoint_bytes() + (2 << 20)
